@@ -1,0 +1,32 @@
+import type { Command } from 'commander';
+import { execJob } from '../../integrations/exec/run-job.ts';
+import { collectPairs, positiveInt, type ContextFactory } from '../main.ts';
+import { withSignals } from '../signals.ts';
+
+export function registerExec(program: Command, context: ContextFactory): void {
+  program
+    .command('exec')
+    .description('run one job of a .gitlab-ci.yml locally, in a fresh machine (like the removed gitlab-runner exec)')
+    .argument('<job>', 'the job name')
+    .option('-f, --file <path>', 'the CI file', '.gitlab-ci.yml')
+    .option('--image <ref>', 'mayfly image to use instead of the job\'s')
+    .option('--var <KEY=VALUE>', 'set a CI variable (repeatable; wins over the file)', collectPairs, {})
+    .option('--cpus <n>', 'virtual CPUs', positiveInt('--cpus'))
+    .option('--memory <MiB>', 'memory in MiB', positiveInt('--memory'))
+    .option('--disk <GiB>', 'disk size in GiB', positiveInt('--disk'))
+    .action(async (job: string, o: { file: string; image?: string; var: Record<string, string>; cpus?: number; memory?: number; disk?: number }) => {
+      const ctx = context();
+      process.exitCode = await withSignals(ctx, (signal) =>
+        execJob(ctx.engine(), {
+          job,
+          file: o.file,
+          image: o.image,
+          size: { cpus: o.cpus, memoryMiB: o.memory, diskGiB: o.disk },
+          vars: o.var,
+          stdout: process.stdout,
+          stderr: process.stderr,
+          signal,
+        }),
+      );
+    });
+}

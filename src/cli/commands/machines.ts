@@ -1,0 +1,89 @@
+import type { Command } from 'commander';
+import { ErrorCode, MayflyError } from '../../errors.ts';
+import { runInFreshMachine } from '../../integrations/local/run.ts';
+import { age, printJson, table } from '../format.ts';
+import { collectPairs, positiveInt, type ContextFactory } from '../main.ts';
+import { withSignals } from '../signals.ts';
+
+export function registerMachines(program: Command, context: ContextFactory): void {
+  program
+    .command('run')
+    .description('run a command in a fresh machine, then destroy the machine')
+    .argument('<command...>', 'the command and its arguments (put them after --)')
+    .option('--image <ref>', 'image NAME, NAME:VERSION or content id (default: config defaults.image)')
+    .option('--cpus <n>', 'virtual CPUs', positiveInt('--cpus'))
+    .option('--memory <MiB>', 'memory in MiB', positiveInt('--memory'))
+    .option('--disk <GiB>', 'disk size in GiB (at least the image\'s)', positiveInt('--disk'))
+    .option('-e, --env <KEY=VALUE>', 'environment variable for the command (repeatable)', collectPairs, {})
+    .option('--root', 'run as root instead of the ci user')
+    .option('--keep', 'keep the machine afterwards and print how to reach it')
+    .passThroughOptions()
+    .action(async (command: string[], o: { image?: string; cpus?: number; memory?: number; disk?: number; env: Record<string, string>; root?: boolean; keep?: boolean }) => {
+      const ctx = context();
+      process.exitCode = await withSignals(ctx, async (signal) =>
+        runInFreshMachine(ctx.engine(), {
+          argv: command,
+          image: o.image,
+          size: { cpus: o.cpus, memoryMiB: o.memory, diskGiB: o.disk },
+          env: o.env,
+          asRoot: o.root,
+          keep: o.keep,
+          stdout: process.stdout,
+          stderr: process.stderr,
+          signal,
+          onKept: (howTo) => process.stderr.write(howTo + '\n'),
+        }),
+      );
+    });
+
+  program
+    .command('ps')
+    .description('list the machines on this host')
+    .option('--json', 'JSON output')
+    .action((o: { json?: boolean }) => {
+      const ctx = context();
+      const list = ctx.engine().instances();
+      if (o.json || ctx.opts.json) {
+        printJson(list);
+        return;
+      }
+      if (list.length === 0) {
+        process.stdout.write('no machines\n');
+        return;
+      }
+      process.stdout.write(
+        table(
+          ['ID', 'DRIVER', 'IMAGE', 'STATE', 'AGE', 'PID', 'SIZE', 'OWNER', 'DISK', 'CONSOLE'],
+          list.map((i) => [
+            i.id,
+            i.driver,
+            `${i.imageName}:${i.imageVersion}`,
+            i.running || i.state === 'creating' ? i.state : `${i.state} (process gone)`,
+            age(i.createdAt),
+            i.pid === null ? '-' : String(i.pid),
+            `${i.cpus}cpu/${i.memoryMiB}M/${i.diskGiB}G`,
+            i.owner ?? '-',
+            i.disks.join(','),
+            i.consoleLog,
+          ]),
+        ) + '\n',
+      );
+    });
+
+  program
+    .command('rm')
+    .description('destroy machines (e.g. ones kept with run --keep)')
+    .argument('[id...]', 'instance ids from mayfly ps')
+    .option('--all', 'destroy every machine in this data dir')
+    .action(async (given: string[], o: { all?: boolean }) => {
+      const engine = context().engine();
+      const ids = o.all ? engine.instances().map((i) => i.id) : given;
+      if (!o.all && ids.length === 0) {
+        throw new MayflyError(ErrorCode.USAGE, 'name the machines to destroy, or pass --all', { hint: 'list them with: mayfly ps' });
+      }
+      for (const id of ids) {
+        await engine.destroyInstance(id);
+        process.stdout.write(`${id} destroyed\n`);
+      }
+    });
+}

@@ -1,0 +1,69 @@
+import { Command, CommanderError, Option } from 'commander';
+import { ErrorCode, MayflyError } from '../errors.ts';
+import { reportError } from './report.ts';
+import { version } from '../version.ts';
+import { createContext, defaultDataDir, type Context, type GlobalOptions } from './context.ts';
+import { registerExec } from './commands/exec.ts';
+import { registerImage } from './commands/image.ts';
+import { registerLicenses } from './commands/licenses.ts';
+import { registerMachines } from './commands/machines.ts';
+
+// Exit codes of mayfly itself. `run` and `exec` otherwise exit with the job's own status, so
+// mayfly's failures there use 125 (as `docker run` does) to stay apart from the job's codes.
+export const EXIT_USAGE = 2;
+export const EXIT_MAYFLY_FAILED = 125;
+
+export type ContextFactory = () => Context;
+
+export function buildProgram(): Command {
+  const program = new Command('mayfly')
+    .description('fresh, disposable CI machines on hardware you own')
+    .version(version)
+    .addOption(new Option('--data-dir <dir>', 'where images, instances and state live').env('MAYFLY_DATA_DIR').default(defaultDataDir))
+    .addOption(new Option('--config <file>', 'config file (TOML; default /etc/mayfly/config.toml if it exists)').env('MAYFLY_CONFIG'))
+    .option('--debug', 'debug logging and stack traces')
+    .option('--json', 'machine-readable output where the output is data')
+    .enablePositionalOptions()
+    .showHelpAfterError('(run mayfly help for usage)');
+
+  let ctx: Context | undefined;
+  const context: ContextFactory = () => (ctx ??= createContext(program.opts<GlobalOptions>()));
+  registerMachines(program, context);
+  registerExec(program, context);
+  registerImage(program, context);
+  registerLicenses(program);
+  program.hook('postAction', () => ctx?.close());
+  return program;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const program = buildProgram();
+  program.exitOverride();
+  try {
+    await program.parseAsync(argv);
+    return process.exitCode === undefined ? 0 : Number(process.exitCode);
+  } catch (e) {
+    if (e instanceof CommanderError) {
+      // Help and version are "errors" to commander; their exit code is 0.
+      return e.exitCode === 0 ? 0 : EXIT_USAGE;
+    }
+    return reportError(e, argv.includes('--debug'));
+  }
+}
+
+/** For commands that take `K=V` pairs (repeatable). */
+export function collectPairs(value: string, previous: Record<string, string> = {}): Record<string, string> {
+  const i = value.indexOf('=');
+  if (i <= 0) throw new MayflyError(ErrorCode.USAGE, `'${value}' is not KEY=VALUE`, { exitCode: EXIT_USAGE });
+  return { ...previous, [value.slice(0, i)]: value.slice(i + 1) };
+}
+
+export function positiveInt(what: string): (v: string) => number {
+  return (v) => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < 1) {
+      throw new MayflyError(ErrorCode.USAGE, `${what} must be a whole number of 1 or more, got '${v}'`, { exitCode: EXIT_USAGE });
+    }
+    return n;
+  };
+}

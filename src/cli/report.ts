@@ -1,0 +1,14 @@
+import { isMayflyError } from '../errors.ts';
+
+/** Prints an error the way a user should see it and returns the exit code it maps to. */
+export function reportError(e: unknown, debug: boolean): number {
+  if (isMayflyError(e)) {
+    process.stderr.write(`mayfly: error: ${e.message}\n`);
+    if (e.hint) process.stderr.write(`  hint: ${e.hint}\n`);
+    if (debug) process.stderr.write(`${e.stack}\n`);
+    return e.exitCode;
+  }
+  process.stderr.write(`mayfly: internal error: ${e instanceof Error ? e.message : String(e)}\n`);
+  process.stderr.write(debug && e instanceof Error ? `${e.stack}\n` : '  (run with --debug for the stack trace, and please report it)\n');
+  return 70;
+}

@@ -1,0 +1,59 @@
+import { isMayflyError } from '../errors.ts';
+import type { Context } from './context.ts';
+import { reportError } from './report.ts';
+
+const signalExit: Record<string, number> = { SIGINT: 130, SIGTERM: 143, SIGHUP: 129 };
+
+/**
+ * Runs a job-like command so that SIGINT/SIGTERM/SIGHUP abort it through an AbortSignal: the
+ * command's own cleanup (destroying its machine) runs, then mayfly exits 128+signal.
+ * mayfly's own failures exit 125, apart from any code the job itself may return.
+ */
+export async function withSignals(ctx: Context, body: (signal: AbortSignal) => Promise<number>): Promise<number> {
+  const ac = new AbortController();
+  let received: string | undefined;
+  const handlers = Object.keys(signalExit).map((sig) => {
+    const h = () => {
+      if (received) return; // a second signal changes nothing; cleanup is already under way
+      received = sig;
+      ctx.log.warn({ signal: sig }, 'stopping: the job is cancelled and its machine destroyed');
+      ac.abort(new Error(`cancelled by ${sig}`));
+    };
+    process.on(sig, h);
+    return [sig, h] as const;
+  });
+  try {
+    const code = await body(ac.signal);
+    return received ? signalExit[received]! : code;
+  } catch (e) {
+    if (received) return signalExit[received]!;
+    if (!isMayflyError(e)) throw e;
+    reportError(e, Boolean(ctx.opts.debug));
+    return 125;
+  } finally {
+    for (const [sig, h] of handlers) process.off(sig, h);
+  }
+}
+
+/** Runs a long task that SIGINT/SIGTERM abort (killing its child processes), then exits 128+signal. */
+export async function withAbort<T>(body: (signal: AbortSignal) => Promise<T>): Promise<T> {
+  const ac = new AbortController();
+  let received: string | undefined;
+  const h = (sig: string) => {
+    received ??= sig;
+    ac.abort(new Error(`cancelled by ${sig}`));
+  };
+  const sigs = Object.keys(signalExit);
+  for (const s of sigs) process.on(s, h);
+  try {
+    return await body(ac.signal);
+  } catch (e) {
+    if (received) {
+      process.stderr.write(`mayfly: cancelled by ${received}\n`);
+      process.exit(signalExit[received]);
+    }
+    throw e;
+  } finally {
+    for (const s of sigs) process.off(s, h);
+  }
+}

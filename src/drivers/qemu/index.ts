@@ -1,0 +1,213 @@
+import { existsSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { ErrorCode, MayflyError } from '../../errors.ts';
+import type { Logger } from '../../log.ts';
+import { lastLines, requireTool, run } from '../../util/exec.ts';
+import type { Driver, HostMachine, StartSpec, StartedMachine } from '../types.ts';
+import { chooseAccel, type AccelSetting } from './accel.ts';
+import { writeNoCloudSeed } from './cloud-init.ts';
+
+export interface QemuDriverOptions {
+  binary: string;
+  accel: AccelSetting;
+  /** MiB of TCG translation cache; the default lets each guest's RSS grow towards 650 MB. */
+  tcgTbSize: number;
+  /** Where the KVM probe result is cached. */
+  accelCacheFile: string;
+}
+
+// Marks every QEMU mayfly starts, so `ps` and the reaper can tell ours from anyone else's.
+const nameTag = 'mayfly:';
+
+/** A free loopback TCP port. Another process may take it before QEMU does; start() retries then. */
+async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.unref();
+    srv.on('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const addr = srv.address();
+      srv.close(() => (typeof addr === 'object' && addr ? resolve(addr.port) : reject(new Error('no port'))));
+    });
+  });
+}
+
+function procState(pid: number): string | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+  } catch {
+    return undefined;
+  }
+}
+
+function isRunning(pid: number): boolean {
+  const s = procState(pid);
+  return s !== undefined && s !== 'Z' && s !== 'X';
+}
+
+export class QemuDriver implements Driver {
+  readonly name = 'qemu';
+  readonly opts: QemuDriverOptions;
+
+  constructor(opts: QemuDriverOptions) {
+    this.opts = opts;
+  }
+
+  async start(spec: StartSpec, ctx: { log: Logger; signal?: AbortSignal }): Promise<StartedMachine> {
+    requireTool(this.opts.binary);
+    const { image, identity, size, dir } = spec;
+    const accel = await chooseAccel({
+      setting: this.opts.accel,
+      qemu: this.opts.binary,
+      kernel: image.kernelPath,
+      initrd: image.initrdPath,
+      cacheFile: this.opts.accelCacheFile,
+      log: ctx.log,
+    });
+    ctx.log.debug({ instance: spec.id, accel: accel.accel, reason: accel.reason }, 'accelerator chosen');
+
+    const consoleLog = join(dir, 'console.log');
+    const pidFile = join(dir, 'qemu.pid');
+    const identityArgs = this.#identityArgs(spec);
+
+    for (let attempt = 1; ; attempt++) {
+      ctx.signal?.throwIfAborted();
+      const port = await freePort();
+      const args = [
+        '-name', `${nameTag}${spec.id}`,
+        '-M', 'q35',
+        ...(accel.accel === 'kvm' ? ['-accel', 'kvm', '-cpu', 'host'] : ['-accel', `tcg,tb-size=${this.opts.tcgTbSize}`, '-cpu', 'max']),
+        '-smp', String(size.cpus),
+        '-m', String(size.memoryMiB),
+        '-display', 'none', '-no-user-config', '-nodefaults',
+        '-serial', `file:${consoleLog}`,
+        ...(image.kernelPath ? ['-kernel', image.kernelPath] : []),
+        ...(image.initrdPath ? ['-initrd', image.initrdPath] : []),
+        ...(image.kernelPath && image.kernelArgs ? ['-append', image.kernelArgs] : []),
+        '-drive', `file=${spec.disk.path},if=none,id=d0,format=qcow2,cache=unsafe,discard=unmap`,
+        '-device', 'virtio-blk-pci,drive=d0',
+        '-netdev', `user,id=n0,hostfwd=tcp:127.0.0.1:${port}-:22`,
+        '-device', 'virtio-net-pci,netdev=n0',
+        '-device', 'virtio-rng-pci',
+        ...identityArgs,
+        '-qmp', `unix:${join(dir, 'qmp.sock')},server=on,wait=off`,
+        '-pidfile', pidFile,
+        '-daemonize',
+      ];
+      writeFileSync(join(dir, 'qemu.args'), JSON.stringify(args) + '\n');
+      // With -daemonize, QEMU returns only once the machine is set up, so its exit status
+      // and stderr say whether the start worked.
+      const r = await run(this.opts.binary, args);
+      if (r.code === 0 && existsSync(pidFile)) {
+        const pid = Number(readFileSync(pidFile, 'utf8').trim());
+        this.#dropSecrets(dir);
+        return { pid, ssh: { host: '127.0.0.1', port }, consoleLog, accel: accel.accel };
+      }
+      const err = r.stderr.trim();
+      if (/host forwarding rule|Address already in use/i.test(err) && attempt < 5) continue;
+      this.#dropSecrets(dir);
+      throw new MayflyError(ErrorCode.MACHINE_START_FAILED, `QEMU could not start instance ${spec.id}: ${lastLines(err, 8) || `exit ${r.code}`}`, {
+        hint: `the full command line is in ${join(dir, 'qemu.args')}`,
+      });
+    }
+  }
+
+  /** The clone's identity, handed to the guest at boot (fw_cfg for mayfly images, a NoCloud seed for imported ones). */
+  #identityArgs(spec: StartSpec): string[] {
+    const { dir, identity } = spec;
+    if (spec.image.identity === 'cloud-init') {
+      const seed = writeNoCloudSeed(dir, identity, spec.image.user);
+      return ['-drive', `file=${seed},if=none,id=seed,format=raw,readonly=on`, '-device', 'virtio-blk-pci,drive=seed'];
+    }
+    const items: Record<string, string> = {
+      id: identity.id,
+      hostname: identity.hostname,
+      host_key: identity.hostKey.privateKey,
+      host_key_pub: identity.hostKey.publicKey,
+      authorized_keys: identity.authorizedKey + '\n',
+    };
+    return Object.entries(items).flatMap(([name, value]) => {
+      const file = join(dir, `fwcfg-${name}`);
+      writeFileSync(file, value, { mode: 0o600 });
+      return ['-fw_cfg', `name=opt/mayfly/${name},file=${file}`];
+    });
+  }
+
+  /** QEMU has read the fw_cfg files into memory by now; the private host key need not stay on disk. */
+  #dropSecrets(dir: string): void {
+    for (const f of readdirSync(dir)) if (f.startsWith('fwcfg-') || f === 'seed.iso') rmSync(join(dir, f), { force: true });
+  }
+
+  deadReason(pid: number, dir: string): string | undefined {
+    if (isRunning(pid)) return undefined;
+    const tail = this.consoleTail(dir, 15);
+    return `the QEMU process (pid ${pid}) exited during boot${tail ? `; last console lines:\n${tail}` : ''}`;
+  }
+
+  async stop(pid: number | null, dir: string): Promise<void> {
+    // A start that failed half-way may have left a process whose pid only the pidfile knows.
+    if (pid === null) {
+      try {
+        pid = Number(readFileSync(join(dir, 'qemu.pid'), 'utf8').trim()) || null;
+      } catch {
+        pid = null;
+      }
+    }
+    if (pid !== null && isRunning(pid) && this.#isOurs(pid, dir)) {
+      try {
+        process.kill(pid, 'SIGTERM');
+      } catch {
+        // already gone
+      }
+      for (let i = 0; i < 50 && isRunning(pid); i++) await sleep(100);
+      if (isRunning(pid)) {
+        try {
+          process.kill(pid, 'SIGKILL');
+        } catch {
+          // already gone
+        }
+        for (let i = 0; i < 50 && isRunning(pid); i++) await sleep(100);
+      }
+    }
+  }
+
+  /** Guards against killing a recycled pid that now belongs to some other program. */
+  #isOurs(pid: number, dir: string): boolean {
+    try {
+      return readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(dir);
+    } catch {
+      return false;
+    }
+  }
+
+  consoleTail(dir: string, lines: number): string {
+    try {
+      const text = readFileSync(join(dir, 'console.log'), 'utf8').replace(/\r/g, '');
+      return lastLines(text, lines);
+    } catch {
+      return '';
+    }
+  }
+
+  listHost(): HostMachine[] {
+    const out: HostMachine[] = [];
+    for (const p of readdirSync('/proc')) {
+      if (!/^\d+$/.test(p)) continue;
+      let argv: string[];
+      try {
+        argv = readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0');
+      } catch {
+        continue;
+      }
+      const i = argv.indexOf('-name');
+      const name = i >= 0 ? argv[i + 1] : undefined;
+      if (!name?.startsWith(nameTag) || !isRunning(Number(p))) continue;
+      const pidfile = argv[argv.indexOf('-pidfile') + 1] ?? '';
+      out.push({ id: name.slice(nameTag.length), pid: Number(p), dir: pidfile.replace(/\/qemu\.pid$/, '') });
+    }
+    return out;
+  }
+}

@@ -1,0 +1,58 @@
+import type { Image } from '../images/store.ts';
+import type { Logger } from '../log.ts';
+import type { Clone } from '../storage/types.ts';
+
+// Every machine driver (QEMU today; nspawn, Cloud Hypervisor, Firecracker later) implements
+// this. The pool and the integrations only see this interface and the guest channel.
+
+export interface MachineSize {
+  cpus: number;
+  memoryMiB: number;
+  diskGiB: number;
+}
+
+/** What makes one clone unique; generated on the host for each instance. */
+export interface MachineIdentity {
+  id: string;
+  hostname: string;
+  hostKey: { privateKey: string; publicKey: string };
+  /** Public key the guest authorizes for root and the job user. */
+  authorizedKey: string;
+}
+
+export interface StartSpec {
+  id: string;
+  /** The instance's own directory: clone, console log, sockets, keys; removed on destroy. */
+  dir: string;
+  image: Image;
+  size: MachineSize;
+  disk: Clone;
+  identity: MachineIdentity;
+}
+
+export interface StartedMachine {
+  pid: number;
+  /** Where the guest's sshd is reachable from the host. */
+  ssh: { host: string; port: number };
+  consoleLog: string;
+  /** e.g. "kvm" or "tcg". */
+  accel: string;
+}
+
+/** Something of this driver found running on the host (for `ps` and the reaper). */
+export interface HostMachine {
+  id: string;
+  pid: number;
+  dir: string;
+}
+
+export interface Driver {
+  readonly name: string;
+  start(spec: StartSpec, opts: { log: Logger; signal?: AbortSignal }): Promise<StartedMachine>;
+  /** undefined while the machine process runs; otherwise why it is gone (with console output). */
+  deadReason(pid: number, dir: string): string | undefined;
+  /** Stops the machine process; succeeds when it is already gone. */
+  stop(pid: number | null, dir: string): Promise<void>;
+  consoleTail(dir: string, lines: number): string;
+  listHost(): HostMachine[];
+}

@@ -1,0 +1,54 @@
+// One catalogue of user-facing errors. Each has a stable code (for scripts and docs) and a
+// message that says what is wrong and what to do about it. The CLI prints `message` and exits
+// with `exitCode`; stack traces only with --debug.
+
+export class MayflyError extends Error {
+  readonly code: string;
+  readonly exitCode: number;
+  readonly hint: string | undefined;
+
+  constructor(code: string, message: string, opts: { hint?: string; cause?: unknown; exitCode?: number } = {}) {
+    super(message, opts.cause === undefined ? undefined : { cause: opts.cause });
+    this.name = 'MayflyError';
+    this.code = code;
+    this.hint = opts.hint;
+    this.exitCode = opts.exitCode ?? 2;
+  }
+}
+
+/** Stable error codes. Add new ones here so the catalogue stays in one place. */
+export const ErrorCode = {
+  CONFIG_NOT_FOUND: 'MAYFLY_ERR_CONFIG_NOT_FOUND',
+  CONFIG_PARSE: 'MAYFLY_ERR_CONFIG_PARSE',
+  CONFIG_INVALID: 'MAYFLY_ERR_CONFIG_INVALID',
+  USAGE: 'MAYFLY_ERR_USAGE',
+  IMAGE_NOT_FOUND: 'MAYFLY_ERR_IMAGE_NOT_FOUND',
+  IMAGE_IN_USE: 'MAYFLY_ERR_IMAGE_IN_USE',
+  RECIPE_INVALID: 'MAYFLY_ERR_RECIPE_INVALID',
+  IMAGE_BUILD_FAILED: 'MAYFLY_ERR_IMAGE_BUILD_FAILED',
+  IMAGE_IMPORT_FAILED: 'MAYFLY_ERR_IMAGE_IMPORT_FAILED',
+  MISSING_TOOL: 'MAYFLY_ERR_MISSING_TOOL',
+  NOT_ROOT: 'MAYFLY_ERR_NOT_ROOT',
+  SIZE_INVALID: 'MAYFLY_ERR_SIZE_INVALID',
+  CLONE_FAILED: 'MAYFLY_ERR_CLONE_FAILED',
+  MACHINE_START_FAILED: 'MAYFLY_ERR_MACHINE_START_FAILED',
+  BOOT_TIMEOUT: 'MAYFLY_ERR_BOOT_TIMEOUT',
+  GUEST_CHANNEL: 'MAYFLY_ERR_GUEST_CHANNEL',
+  INSTANCE_NOT_FOUND: 'MAYFLY_ERR_INSTANCE_NOT_FOUND',
+  CI_FILE_NOT_FOUND: 'MAYFLY_ERR_CI_FILE_NOT_FOUND',
+  CI_FILE_INVALID: 'MAYFLY_ERR_CI_FILE_INVALID',
+  CI_JOB_NOT_FOUND: 'MAYFLY_ERR_CI_JOB_NOT_FOUND',
+  NOT_A_GIT_REPO: 'MAYFLY_ERR_NOT_A_GIT_REPO',
+  STATE: 'MAYFLY_ERR_STATE',
+} as const;
+export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
+
+export function isMayflyError(e: unknown): e is MayflyError {
+  return e instanceof MayflyError;
+}
+
+/** Error text for anything thrown, for logs and for wrapping causes. */
+export function errorText(e: unknown): string {
+  if (e instanceof Error) return e.message;
+  return String(e);
+}

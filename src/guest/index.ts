@@ -1,0 +1,2 @@
+export { GuestChannel, generateKeyPair, remoteCommand } from './ssh.ts';
+export type { ExecOptions, ExecResult, GuestEndpoint } from './ssh.ts';

@@ -1,0 +1,204 @@
+import { createHash } from 'node:crypto';
+import { createReadStream, existsSync, mkdirSync, readdirSync, rmSync, statSync, writeFileSync, appendFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { ErrorCode, MayflyError } from '../errors.ts';
+import type { Logger } from '../log.ts';
+import { silentLogger } from '../log.ts';
+import { createProgress, type Progress } from '../progress.ts';
+import { lastLines, requireTool, run, runChecked } from '../util/exec.ts';
+import { shellQuote } from '../util/shell.ts';
+import { vmBasePackages, type Recipe } from './recipe.ts';
+import type { Image, ImageStore } from './store.ts';
+
+const guestFilesDir = join(dirname(fileURLToPath(import.meta.url)), 'guest');
+
+/** Kernel arguments every mayfly VM boots with (see shared/notes/host-facts.md for why each matters). */
+export const baseKernelArgs = 'console=ttyS0 root=/dev/vda rw net.ifnames=0 quiet mitigations=off';
+
+// Man pages, docs and translations are a third of a minimal rootfs and no CI job reads them.
+const dpkgExcludes = [
+  'path-exclude=/usr/share/man/*',
+  'path-exclude=/usr/share/doc/*',
+  'path-include=/usr/share/doc/*/copyright',
+  'path-exclude=/usr/share/info/*',
+  'path-exclude=/usr/share/locale/*',
+  'path-include=/usr/share/locale/locale.alias',
+];
+
+export interface BuildOptions {
+  log?: Logger;
+  progress?: Progress;
+  signal?: AbortSignal;
+}
+
+export async function buildImage(store: ImageStore, recipe: Recipe, opts: BuildOptions = {}): Promise<Image> {
+  const log = opts.log ?? silentLogger;
+  for (const tool of ['mmdebstrap', 'mkfs.ext4', 'qemu-img']) requireTool(tool);
+  if (recipe.playbook) {
+    requireTool('ansible-playbook');
+    if (!existsSync(recipe.playbook)) {
+      throw new MayflyError(ErrorCode.RECIPE_INVALID, `recipe ${recipe.name}: playbook ${recipe.playbook} does not exist`);
+    }
+  }
+  if (process.getuid?.() !== 0) {
+    throw new MayflyError(ErrorCode.NOT_ROOT, 'building an image needs root (mmdebstrap --mode=root, mkfs of a root filesystem)', {
+      hint: 'run it as root, e.g. with sudo',
+    });
+  }
+
+  const progress = opts.progress ?? createProgress(`build ${recipe.name}`, 5);
+  const work = store.tempDir(`build-${recipe.name}`);
+  const out = join(work, 'out');
+  mkdirSync(out);
+  const buildLog = join(out, 'build.log');
+  const logLine = (l: string) => appendFileSync(buildLog, l + '\n');
+  const started = Date.now();
+  log.info({ recipe: recipe.name, source: recipe.source, work }, 'image build started');
+
+  try {
+    const rootfs = join(work, 'rootfs');
+    const packages = [...new Set([...vmBasePackages, ...recipe.packages])];
+    progress.step(`bootstrap ${recipe.suite} with ${packages.length} packages (mmdebstrap)`);
+    const args = [
+      `--variant=${recipe.variant}`,
+      '--mode=root',
+      `--include=${packages.join(',')}`,
+      ...dpkgExcludes.map((o) => `--dpkgopt=${o}`),
+      ...customizeHooks(recipe, work),
+      recipe.suite,
+      rootfs,
+      ...(recipe.mirror ? [recipe.mirror] : []),
+    ];
+    logLine(`$ mmdebstrap ${args.join(' ')}`);
+    const r = await run('mmdebstrap', args, {
+      signal: opts.signal,
+      onLine: (l) => {
+        logLine(l);
+        if (/^(I|W|E): /.test(l)) progress.detail(l.slice(3));
+      },
+    });
+    if (r.code !== 0) {
+      throw new MayflyError(
+        ErrorCode.IMAGE_BUILD_FAILED,
+        `building ${recipe.name}: mmdebstrap failed (exit ${r.code}):\n${lastLines(r.stdout + r.stderr, 12)}`,
+        { hint: `the whole log is in ${buildLog} (kept because the build failed)` },
+      );
+    }
+
+    progress.step('extract kernel and initrd');
+    const { kernel, initrd } = findKernel(rootfs, recipe.name);
+    await runChecked('cp', [kernel, join(out, 'vmlinuz')], { code: ErrorCode.IMAGE_BUILD_FAILED });
+    await runChecked('cp', [initrd, join(out, 'initrd.img')], { code: ErrorCode.IMAGE_BUILD_FAILED });
+
+    progress.step(`make the root disk (ext4, ${recipe.disk_size} GiB)`);
+    const used = Number((await runChecked('du', ['-sxb', rootfs])).stdout.split(/\s/)[0]);
+    const sizeBytes = recipe.disk_size * 1024 ** 3;
+    if (used > sizeBytes * 0.9) {
+      throw new MayflyError(
+        ErrorCode.IMAGE_BUILD_FAILED,
+        `recipe ${recipe.name}: the root filesystem holds ${(used / 1024 ** 3).toFixed(2)} GiB, too much for disk_size = ${recipe.disk_size}`,
+        { hint: `raise disk_size in ${recipe.source} to at least ${Math.ceil((used * 1.25) / 1024 ** 3)}` },
+      );
+    }
+    const raw = join(work, 'root.raw');
+    await runChecked('truncate', ['-s', String(sizeBytes), raw]);
+    await runChecked('mkfs.ext4', ['-q', '-F', '-L', 'root', '-d', rootfs, raw], {
+      code: ErrorCode.IMAGE_BUILD_FAILED,
+      what: 'mkfs.ext4 -d (copying the rootfs into the disk)',
+    });
+    rmSync(rootfs, { recursive: true, force: true });
+
+    progress.step('convert to qcow2');
+    await runChecked('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, join(out, 'disk.qcow2')], {
+      code: ErrorCode.IMAGE_BUILD_FAILED,
+    });
+    rmSync(raw, { force: true });
+
+    progress.step('content id and publish');
+    const id = await contentId([join(out, 'disk.qcow2'), join(out, 'vmlinuz'), join(out, 'initrd.img')]);
+    logLine(`content id ${id}, built in ${((Date.now() - started) / 1000).toFixed(1)} s`);
+    const image = store.publish(out, {
+      name: recipe.name,
+      id,
+      kind: 'vm',
+      createdAt: new Date().toISOString(),
+      source: { type: 'recipe', recipe: recipe.source, suite: recipe.suite, packages },
+      disk: 'disk.qcow2',
+      kernel: 'vmlinuz',
+      initrd: 'initrd.img',
+      kernelArgs: [baseKernelArgs, recipe.kernel_args].filter(Boolean).join(' '),
+      diskVirtualBytes: sizeBytes,
+      identity: 'fw_cfg',
+      user: 'ci',
+    });
+    rmSync(work, { recursive: true, force: true });
+    progress.done(`built ${image.name}:${image.version} ${image.id.slice(0, 19)}`);
+    log.info({ image: image.name, version: image.version, id: image.id }, 'image build finished');
+    return image;
+  } catch (e) {
+    progress.fail();
+    // Keep the build log of a failed build for the user; drop the bulky rest.
+    if (existsSync(buildLog)) {
+      const kept = join(store.root, '.failed', `${recipe.name}-${Date.now().toString(36)}.log`);
+      mkdirSync(dirname(kept), { recursive: true });
+      await run('cp', [buildLog, kept]);
+      if (e instanceof MayflyError && e.hint?.includes(buildLog)) {
+        throw new MayflyError(e.code, e.message, { hint: `the whole log is in ${kept}` });
+      }
+    }
+    throw e;
+  } finally {
+    rmSync(work, { recursive: true, force: true });
+  }
+}
+
+/** mmdebstrap customize hooks: the recipe's commands, its playbook, then mayfly's own guest setup last. */
+function customizeHooks(recipe: Recipe, work: string): string[] {
+  const hooks: string[] = [];
+  const scripts = join(work, 'scripts');
+  mkdirSync(scripts, { recursive: true });
+  hooks.push(`mkdir -p "$1/tmp/mayfly-guest" && cp -a ${shellQuote(guestFilesDir)}/. "$1/tmp/mayfly-guest/"`);
+  recipe.commands.forEach((cmd, i) => {
+    const file = join(scripts, `command-${i + 1}.sh`);
+    writeFileSync(file, `set -e\n${cmd}\n`);
+    hooks.push(
+      `cp ${shellQuote(file)} "$1/tmp/mayfly-command.sh" && chroot "$1" /bin/sh /tmp/mayfly-command.sh && rm -f "$1/tmp/mayfly-command.sh"`,
+    );
+  });
+  if (recipe.playbook) {
+    hooks.push(`ansible-playbook -i "$1," -c community.general.chroot ${shellQuote(recipe.playbook)}`);
+  }
+  hooks.push('chroot "$1" /bin/sh /tmp/mayfly-guest/setup-rootfs.sh');
+  return hooks.map((h) => `--customize-hook=${h}`);
+}
+
+function findKernel(rootfs: string, name: string): { kernel: string; initrd: string } {
+  const boot = join(rootfs, 'boot');
+  const kernels = existsSync(boot) ? readdirSync(boot).filter((f) => f.startsWith('vmlinuz-')).sort(compareVersions) : [];
+  const latest = kernels.at(-1);
+  if (!latest) {
+    throw new MayflyError(ErrorCode.IMAGE_BUILD_FAILED, `recipe ${name}: no kernel was installed in /boot`, {
+      hint: 'VM images need a kernel; keep linux-image-cloud-amd64 (mayfly adds it) and do not remove it in commands',
+    });
+  }
+  const kver = latest.slice('vmlinuz-'.length);
+  const initrd = join(boot, `initrd.img-${kver}`);
+  if (!existsSync(initrd)) {
+    throw new MayflyError(ErrorCode.IMAGE_BUILD_FAILED, `recipe ${name}: kernel ${kver} has no initrd in /boot`);
+  }
+  return { kernel: join(boot, latest), initrd };
+}
+
+function compareVersions(a: string, b: string): number {
+  return a.localeCompare(b, 'en', { numeric: true });
+}
+
+export async function contentId(files: readonly string[]): Promise<string> {
+  const h = createHash('sha256');
+  for (const f of files) {
+    h.update(`${statSync(f).size}\0`);
+    for await (const chunk of createReadStream(f, { highWaterMark: 4 << 20 })) h.update(chunk as Buffer);
+  }
+  return `sha256:${h.digest('hex')}`;
+}

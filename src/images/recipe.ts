@@ -1,0 +1,90 @@
+import { existsSync, readdirSync } from 'node:fs';
+import { dirname, isAbsolute, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { z } from 'zod';
+import { parseToml } from '../config/toml.ts';
+import { readFileSync } from 'node:fs';
+import { ErrorCode, MayflyError } from '../errors.ts';
+
+export const imageNamePattern = /^[a-z0-9][a-z0-9._-]{0,62}$/;
+export const imageName = z.string().regex(imageNamePattern, 'must be lower-case letters, digits, ".", "_" or "-" (at most 63)');
+
+const packageName = z.string().regex(/^[a-z0-9][a-z0-9+.-]*(=[A-Za-z0-9.+:~-]+)?$/, 'is not a Debian package name');
+
+export const recipeSchema = z.strictObject({
+  name: imageName,
+  description: z.string().default(''),
+  kind: z.enum(['vm']).default('vm'),
+  suite: z.string().regex(/^[a-z]+$/, 'must be a Debian suite or codename such as "bookworm"').default('bookworm'),
+  variant: z.enum(['minbase', 'buildd', 'required', 'important', 'standard']).default('minbase'),
+  /** An apt mirror URL; by default the host's own apt sources are used. */
+  mirror: z.string().url().optional(),
+  packages: z.array(packageName).default([]),
+  /** Shell commands run inside the new root filesystem (as root, `sh -e`), in order. */
+  commands: z.array(z.string().min(1)).default([]),
+  /** An ansible playbook applied to the root filesystem (chroot connection). Relative to the recipe file. */
+  playbook: z.string().min(1).optional(),
+  /** Size of the image's root disk in GiB; a machine's disk may be larger, never smaller. */
+  disk_size: z.number().int().min(1).max(2048).default(2),
+  /** Extra kernel command-line arguments. */
+  kernel_args: z.string().default(''),
+});
+
+export type Recipe = z.infer<typeof recipeSchema> & {
+  /** Where the recipe came from: a file path, or `builtin:NAME`. */
+  source: string;
+};
+
+/** Packages every mayfly VM needs, whatever the recipe asks for. */
+export const vmBasePackages = [
+  'linux-image-cloud-amd64', 'initramfs-tools', 'systemd-sysv', 'udev', 'dbus', 'kmod', 'openssh-server',
+  'iproute2', 'sudo', 'e2fsprogs', 'util-linux',
+];
+
+export const builtinRecipeDir = join(dirname(fileURLToPath(import.meta.url)), 'recipes');
+
+export function parseRecipe(text: string, file: string, source = file): Recipe {
+  const r = parseToml(text, file, recipeSchema, { errorCode: ErrorCode.RECIPE_INVALID });
+  if (r.playbook && !isAbsolute(r.playbook) && !source.startsWith('builtin:')) {
+    r.playbook = resolve(dirname(file), r.playbook);
+  }
+  return { ...r, source };
+}
+
+export function loadRecipeFile(path: string): Recipe {
+  if (!existsSync(path)) {
+    throw new MayflyError(ErrorCode.RECIPE_INVALID, `recipe file ${path} does not exist`);
+  }
+  return parseRecipe(readFileSync(path, 'utf8'), path);
+}
+
+/** All recipes mayfly knows by name: built-ins, then the configured recipe dirs (which may override). */
+export function listRecipes(recipeDirs: readonly string[]): Map<string, Recipe> {
+  const out = new Map<string, Recipe>();
+  for (const f of readdirSync(builtinRecipeDir).filter((f) => f.endsWith('.toml')).sort()) {
+    const path = join(builtinRecipeDir, f);
+    const r = parseRecipe(readFileSync(path, 'utf8'), path, `builtin:${f.replace(/\.toml$/, '')}`);
+    out.set(r.name, r);
+  }
+  for (const dir of recipeDirs) {
+    if (!existsSync(dir)) continue;
+    for (const f of readdirSync(dir).filter((f) => f.endsWith('.toml')).sort()) {
+      const r = loadRecipeFile(join(dir, f));
+      out.set(r.name, r);
+    }
+  }
+  return out;
+}
+
+/** A recipe by name (built-in or from recipe dirs) or by path to a .toml file. */
+export function findRecipe(nameOrPath: string, recipeDirs: readonly string[]): Recipe {
+  if (nameOrPath.endsWith('.toml') || nameOrPath.includes('/')) return loadRecipeFile(resolve(nameOrPath));
+  const all = listRecipes(recipeDirs);
+  const r = all.get(nameOrPath);
+  if (!r) {
+    throw new MayflyError(ErrorCode.IMAGE_NOT_FOUND, `no recipe named '${nameOrPath}'`, {
+      hint: `known recipes: ${[...all.keys()].join(', ')}; or pass the path of a recipe .toml file`,
+    });
+  }
+  return r;
+}

@@ -1,0 +1,160 @@
+import { existsSync, mkdirSync, readFileSync, readdirSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { ErrorCode, MayflyError } from '../errors.ts';
+import { imageNamePattern } from './recipe.ts';
+
+// Images live on disk, one directory per version, each self-describing through manifest.json:
+//   DATA/images/NAME/VERSION/{manifest.json, disk.qcow2, vmlinuz, initrd.img, build.log}
+// A version directory is published by an atomic rename, so a half-built image is never seen.
+
+export interface ImageManifest {
+  name: string;
+  version: number;
+  /** Content id: sha256 over the disk, kernel and initrd. */
+  id: string;
+  kind: 'vm';
+  createdAt: string;
+  source: { type: 'recipe'; recipe: string; suite: string; packages: string[] } | { type: 'import'; disk: string };
+  /** File names inside the version directory. */
+  disk: string;
+  kernel: string | null;
+  initrd: string | null;
+  /** Kernel command line for direct kernel boot (null: boot from the disk through firmware). */
+  kernelArgs: string | null;
+  diskVirtualBytes: number;
+  /** How a clone receives its keys and name: mayfly's fw_cfg guest hook, or a cloud-init NoCloud seed. */
+  identity: 'fw_cfg' | 'cloud-init';
+  /** The unprivileged user jobs run as. */
+  user: string;
+}
+
+export interface Image extends ImageManifest {
+  dir: string;
+  diskPath: string;
+  kernelPath: string | null;
+  initrdPath: string | null;
+  sizeBytes: number;
+}
+
+export class ImageStore {
+  readonly root: string;
+
+  constructor(dataDir: string) {
+    this.root = join(dataDir, 'images');
+  }
+
+  /** A scratch directory on the same filesystem as the store, so publishing is a rename. */
+  tempDir(prefix: string): string {
+    const tmp = join(this.root, '.tmp');
+    mkdirSync(tmp, { recursive: true, mode: 0o700 });
+    const dir = join(tmp, `${prefix}-${process.pid}-${Date.now().toString(36)}`);
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+    return dir;
+  }
+
+  /** Moves a prepared directory (with manifest fields except name/version) in as the next version. */
+  publish(preparedDir: string, manifest: Omit<ImageManifest, 'version'>): Image {
+    const nameDir = join(this.root, manifest.name);
+    mkdirSync(nameDir, { recursive: true });
+    for (let attempt = 0; attempt < 100; attempt++) {
+      const version = this.#nextVersion(manifest.name);
+      const full: ImageManifest = { ...manifest, version };
+      writeFileSync(join(preparedDir, 'manifest.json'), JSON.stringify(full, null, 2) + '\n');
+      try {
+        renameSync(preparedDir, join(nameDir, String(version)));
+        return this.get(manifest.name, version)!;
+      } catch (e) {
+        // Another build published this version number first; take the next one.
+        if ((e as NodeJS.ErrnoException).code !== 'ENOTEMPTY' && (e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+      }
+    }
+    throw new MayflyError(ErrorCode.IMAGE_BUILD_FAILED, `could not allocate a version number for ${manifest.name}`);
+  }
+
+  #nextVersion(name: string): number {
+    return Math.max(0, ...this.versions(name)) + 1;
+  }
+
+  versions(name: string): number[] {
+    const dir = join(this.root, name);
+    if (!existsSync(dir)) return [];
+    return readdirSync(dir)
+      .filter((v) => /^\d+$/.test(v) && existsSync(join(dir, v, 'manifest.json')))
+      .map(Number)
+      .sort((a, b) => a - b);
+  }
+
+  names(): string[] {
+    if (!existsSync(this.root)) return [];
+    return readdirSync(this.root).filter((n) => imageNamePattern.test(n) && this.versions(n).length > 0).sort();
+  }
+
+  get(name: string, version: number): Image | undefined {
+    const dir = join(this.root, name, String(version));
+    const mf = join(dir, 'manifest.json');
+    if (!existsSync(mf)) return undefined;
+    const m = JSON.parse(readFileSync(mf, 'utf8')) as ImageManifest;
+    const files = readdirSync(dir);
+    const sizeBytes = files.reduce((sum, f) => sum + statSync(join(dir, f)).blocks * 512, 0);
+    return {
+      ...m,
+      dir,
+      diskPath: join(dir, m.disk),
+      kernelPath: m.kernel ? join(dir, m.kernel) : null,
+      initrdPath: m.initrd ? join(dir, m.initrd) : null,
+      sizeBytes,
+    };
+  }
+
+  list(): Image[] {
+    return this.names().flatMap((n) => this.versions(n).map((v) => this.get(n, v)!));
+  }
+
+  /**
+   * Resolves `NAME` (newest version), `NAME:VERSION`, or a content id prefix (`sha256:ab12…` or `ab12…`, 8+ hex).
+   */
+  resolve(ref: string): Image {
+    const m = /^([^:]+)(?::(\d+))?$/.exec(ref);
+    if (m && imageNamePattern.test(m[1]!)) {
+      const name = m[1]!;
+      const versions = this.versions(name);
+      if (m[2] !== undefined) {
+        const img = this.get(name, Number(m[2]));
+        if (img) return img;
+        if (versions.length > 0) {
+          throw new MayflyError(ErrorCode.IMAGE_NOT_FOUND, `image ${name} has no version ${m[2]}`, {
+            hint: `versions: ${versions.join(', ')}`,
+          });
+        }
+      } else if (versions.length > 0) {
+        return this.get(name, versions.at(-1)!)!;
+      }
+    }
+    const hex = ref.replace(/^sha256:/, '');
+    if (/^[0-9a-f]{8,64}$/.test(hex)) {
+      const hits = this.list().filter((i) => i.id.replace(/^sha256:/, '').startsWith(hex));
+      if (hits.length === 1) return hits[0]!;
+    }
+    throw this.notFound(ref);
+  }
+
+  notFound(ref: string): MayflyError {
+    const names = this.names();
+    return new MayflyError(ErrorCode.IMAGE_NOT_FOUND, `no image '${ref}' in ${this.root}`, {
+      hint:
+        names.length > 0
+          ? `available images: ${names.join(', ')}; build another with: mayfly image build RECIPE`
+          : `no image has been built yet; build the default one with: mayfly image build debian-12`,
+    });
+  }
+
+  remove(name: string, version: number): void {
+    const dir = join(this.root, name, String(version));
+    // Rename first so a concurrent resolve never sees a half-deleted version.
+    const trash = join(this.root, '.tmp', `rm-${name}-${version}-${Date.now().toString(36)}`);
+    mkdirSync(join(this.root, '.tmp'), { recursive: true });
+    renameSync(dir, trash);
+    rmSync(trash, { recursive: true, force: true });
+    if (this.versions(name).length === 0) rmSync(join(this.root, name), { recursive: true, force: true });
+  }
+}

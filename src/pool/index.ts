@@ -1,0 +1,119 @@
+import { rmSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
+import { join } from 'node:path';
+import type { Config } from '../config/index.ts';
+import { QemuDriver, type Driver, type MachineSize } from '../drivers/index.ts';
+import { ErrorCode, MayflyError } from '../errors.ts';
+import { ImageStore } from '../images/store.ts';
+import type { Logger } from '../log.ts';
+import { StateStore, type InstanceRecord } from '../state/index.ts';
+import { qcow2Overlay, type StorageBackend } from '../storage/index.ts';
+import { Machine, type MachineDeps } from './machine.ts';
+
+export { Machine } from './machine.ts';
+
+// The engine: everything under the integrations, as one library. Today a lease boots a machine
+// on demand and release destroys it; the warm pool (mayflyd) hands out ready ones instead.
+
+export interface LeaseRequest {
+  /** Image reference (NAME, NAME:VERSION, content id); the configured default when absent. */
+  image?: string;
+  size?: Partial<MachineSize>;
+  /** Who holds the lease, for `ps` (e.g. "run: make test"). */
+  owner: string;
+  signal?: AbortSignal;
+}
+
+export interface Lease {
+  machine: Machine;
+  release(): Promise<void>;
+}
+
+export class Engine {
+  readonly dataDir: string;
+  readonly config: Config;
+  readonly log: Logger;
+  readonly state: StateStore;
+  readonly images: ImageStore;
+  readonly driver: Driver;
+  readonly storage: StorageBackend;
+
+  constructor(opts: { dataDir: string; config: Config; log: Logger }) {
+    this.dataDir = opts.dataDir;
+    this.config = opts.config;
+    this.log = opts.log;
+    this.state = new StateStore(join(opts.dataDir, 'state.db'));
+    this.images = new ImageStore(opts.dataDir);
+    this.driver = new QemuDriver({
+      binary: opts.config.qemu.binary,
+      accel: opts.config.qemu.accel,
+      tcgTbSize: opts.config.qemu.tcg_tb_size,
+      accelCacheFile: join(opts.dataDir, 'host', 'accel.json'),
+    });
+    this.storage = qcow2Overlay;
+  }
+
+  get instancesDir(): string {
+    return join(this.dataDir, 'instances');
+  }
+
+  /** Fills a partial size from the config's defaults and checks it against the host. */
+  resolveSize(partial: Partial<MachineSize> = {}): MachineSize {
+    const d = this.config.defaults;
+    const size = { cpus: partial.cpus ?? d.cpus, memoryMiB: partial.memoryMiB ?? d.memory, diskGiB: partial.diskGiB ?? d.disk };
+    const hostCpus = availableParallelism();
+    if (size.cpus > hostCpus) {
+      throw new MayflyError(ErrorCode.SIZE_INVALID, `${size.cpus} CPUs asked for, but this host has ${hostCpus}`, {
+        hint: `ask for --cpus ${hostCpus} or fewer`,
+      });
+    }
+    return size;
+  }
+
+  #machineDeps(): MachineDeps {
+    return {
+      instancesDir: this.instancesDir,
+      state: this.state,
+      driver: this.driver,
+      storage: this.storage,
+      log: this.log,
+      bootTimeoutMs: this.config.qemu.boot_timeout * 1000,
+      bootRetries: this.config.qemu.boot_retries,
+    };
+  }
+
+  async lease(req: LeaseRequest): Promise<Lease> {
+    const image = this.images.resolve(req.image ?? this.config.defaults.image);
+    const size = this.resolveSize(req.size);
+    this.log.info(
+      { image: `${image.name}:${image.version}`, cpus: size.cpus, memory: size.memoryMiB, disk: size.diskGiB },
+      'starting a fresh machine',
+    );
+    const machine = await Machine.create(this.#machineDeps(), { image, size, owner: req.owner, signal: req.signal });
+    machine.setOwner(req.owner);
+    return { machine, release: () => machine.destroy() };
+  }
+
+  /** Instances in the state store, each with whether its process still runs. */
+  instances(): (InstanceRecord & { running: boolean })[] {
+    return this.state.listInstances().map((r) => ({
+      ...r,
+      running: r.pid !== null && this.driver.deadReason(r.pid, r.dir) === undefined,
+    }));
+  }
+
+  /** Destroys an instance from its record (e.g. one kept with --keep, or left by a crash). */
+  async destroyInstance(id: string): Promise<void> {
+    const rec = this.state.getInstance(id);
+    if (!rec) {
+      throw new MayflyError(ErrorCode.INSTANCE_NOT_FOUND, `no instance '${id}'`, { hint: 'list them with: mayfly ps' });
+    }
+    await this.driver.stop(rec.pid, rec.dir);
+    rmSync(rec.dir, { recursive: true, force: true });
+    this.state.deleteInstance(id);
+  }
+
+  close(): void {
+    this.state.close();
+  }
+}

@@ -1,0 +1,162 @@
+import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import type { Driver, MachineSize, StartedMachine } from '../drivers/types.ts';
+import { ErrorCode, MayflyError, errorText } from '../errors.ts';
+import { GuestChannel, generateKeyPair, type GuestEndpoint } from '../guest/index.ts';
+import type { Image } from '../images/store.ts';
+import type { Logger } from '../log.ts';
+import type { StateStore } from '../state/index.ts';
+import { diskTooSmall, type StorageBackend } from '../storage/index.ts';
+import { newId } from '../util/ids.ts';
+
+// One machine's life: clone → start → ready (a real command over SSH) → … → destroy.
+// Destroy is the single path out, whatever happened before: normal end, failure, cancel.
+
+export interface MachineDeps {
+  instancesDir: string;
+  state: StateStore;
+  driver: Driver;
+  storage: StorageBackend;
+  log: Logger;
+  bootTimeoutMs: number;
+  bootRetries: number;
+}
+
+export class Machine {
+  readonly id: string;
+  readonly image: Image;
+  readonly size: MachineSize;
+  readonly dir: string;
+  /** Connection as the job user (`ci`), opened during the readiness check and kept. */
+  guest!: GuestChannel;
+  started!: StartedMachine;
+  readyAfterMs = 0;
+  readonly #deps: MachineDeps;
+  #privateKey = '';
+  #hostKey = '';
+  #rootChannel: GuestChannel | undefined;
+  #destroyed = false;
+
+  private constructor(deps: MachineDeps, id: string, image: Image, size: MachineSize) {
+    this.#deps = deps;
+    this.id = id;
+    this.image = image;
+    this.size = size;
+    this.dir = join(deps.instancesDir, id);
+  }
+
+  /** Creates and boots a machine, returning once it runs commands. Cleans up after itself on failure. */
+  static async create(
+    deps: MachineDeps,
+    req: { image: Image; size: MachineSize; owner?: string; signal?: AbortSignal },
+  ): Promise<Machine> {
+    const { image, size } = req;
+    const wantBytes = size.diskGiB * 1024 ** 3;
+    if (wantBytes < image.diskVirtualBytes) throw diskTooSmall(wantBytes, image.diskVirtualBytes, `${image.name}:${image.version}`);
+    const m = new Machine(deps, newId('vm'), image, size);
+    const t0 = Date.now();
+    mkdirSync(m.dir, { recursive: true, mode: 0o700 });
+    deps.state.insertInstance({
+      id: m.id, driver: deps.driver.name, imageName: image.name, imageVersion: image.version, imageId: image.id,
+      state: 'creating', createdAt: t0, updatedAt: t0, pid: null, dir: m.dir, disks: [join(m.dir, 'disk.qcow2')],
+      consoleLog: join(m.dir, 'console.log'), sshPort: null, cpus: size.cpus, memoryMiB: size.memoryMiB,
+      diskGiB: size.diskGiB, accel: null, owner: req.owner ?? null,
+    });
+    try {
+      await m.#boot(req.signal);
+      m.readyAfterMs = Date.now() - t0;
+      deps.state.updateInstance(m.id, { state: 'ready' });
+      deps.log.info(
+        { instance: m.id, image: `${image.name}:${image.version}`, accel: m.started.accel, seconds: +(m.readyAfterMs / 1000).toFixed(1) },
+        'machine ready',
+      );
+      return m;
+    } catch (e) {
+      await m.destroy().catch((de: unknown) => deps.log.error({ instance: m.id, err: errorText(de) }, 'cleanup after a failed start failed'));
+      throw e;
+    }
+  }
+
+  async #boot(signal: AbortSignal | undefined): Promise<void> {
+    const d = this.#deps;
+    const user = generateKeyPair(`mayfly@${this.id}`);
+    const host = generateKeyPair(`root@${this.id}`);
+    this.#privateKey = user.privateKey;
+    this.#hostKey = host.publicKey;
+    // Kept (0600, in a 0700 dir) so `mayfly ssh`/--keep can reach the machine; removed on destroy.
+    writeFileSync(join(this.dir, 'id_ed25519'), user.privateKey, { mode: 0o600 });
+    writeFileSync(join(this.dir, 'known_host_key.pub'), host.publicKey + '\n');
+
+    for (let attempt = 0; ; attempt++) {
+      const disk = await d.storage.clone({ base: this.image.diskPath, instanceDir: this.dir, sizeBytes: this.size.diskGiB * 1024 ** 3 });
+      d.state.updateInstance(this.id, { state: 'booting' });
+      this.started = await d.driver.start(
+        {
+          id: this.id,
+          dir: this.dir,
+          image: this.image,
+          size: this.size,
+          disk,
+          identity: { id: this.id, hostname: this.id, hostKey: host, authorizedKey: user.publicKey },
+        },
+        { log: d.log, signal },
+      );
+      d.state.updateInstance(this.id, { pid: this.started.pid, sshPort: this.started.ssh.port, accel: this.started.accel });
+      d.log.debug({ instance: this.id, pid: this.started.pid, port: this.started.ssh.port }, 'machine process started');
+      try {
+        this.guest = await GuestChannel.waitReady(this.endpoint(this.image.user), {
+          timeoutMs: d.bootTimeoutMs,
+          signal,
+          alive: () => d.driver.deadReason(this.started.pid, this.dir),
+        });
+        return;
+      } catch (e) {
+        const timedOut = e instanceof MayflyError && e.code === ErrorCode.BOOT_TIMEOUT;
+        const tail = d.driver.consoleTail(this.dir, 15);
+        await d.driver.stop(this.started.pid, this.dir);
+        await d.storage.remove(disk);
+        if (timedOut && attempt < d.bootRetries) {
+          d.log.warn({ instance: this.id, attempt: attempt + 1 }, 'boot timed out; retrying with a fresh clone');
+          continue;
+        }
+        if (timedOut) {
+          throw new MayflyError(ErrorCode.BOOT_TIMEOUT, `${e.message}${tail ? `\nlast console lines:\n${tail}` : ''}`, {
+            hint: 'raise qemu.boot_timeout in the config if the host is busy; see the README section on TCG',
+          });
+        }
+        throw e;
+      }
+    }
+  }
+
+  endpoint(user: string): GuestEndpoint {
+    return { host: this.started.ssh.host, port: this.started.ssh.port, user, privateKey: this.#privateKey, hostKey: this.#hostKey };
+  }
+
+  /** A root connection, opened on first use (one more handshake) and kept. */
+  async root(): Promise<GuestChannel> {
+    if (!this.#rootChannel || this.#rootChannel.closed) {
+      this.#rootChannel = await GuestChannel.connectOnce(this.endpoint('root'), 20_000);
+    }
+    return this.#rootChannel;
+  }
+
+  /** Marks who uses the machine (shown by `ps`). */
+  setOwner(owner: string, state: 'leased' | 'ready' = 'leased'): void {
+    this.#deps.state.updateInstance(this.id, { owner, state });
+  }
+
+  /** Stops the machine and removes its clone, keys, sockets and record. Safe to call twice. */
+  async destroy(): Promise<void> {
+    if (this.#destroyed) return;
+    this.#destroyed = true;
+    const d = this.#deps;
+    d.state.updateInstance(this.id, { state: 'destroying' });
+    this.guest?.close();
+    this.#rootChannel?.close();
+    await d.driver.stop(this.started?.pid ?? null, this.dir);
+    rmSync(this.dir, { recursive: true, force: true });
+    d.state.deleteInstance(this.id);
+    d.log.debug({ instance: this.id }, 'machine destroyed');
+  }
+}

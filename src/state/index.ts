@@ -1,0 +1,162 @@
+import { mkdirSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { DatabaseSync } from 'node:sqlite';
+import { ErrorCode, MayflyError, errorText } from '../errors.ts';
+
+// The state store: what mayfly believes exists on this host. SQLite through node:sqlite (no
+// native addon), WAL so several mayfly processes (a run, a ps, later the daemon) share it.
+
+export type InstanceState = 'creating' | 'booting' | 'ready' | 'leased' | 'destroying' | 'gone' | 'failed';
+
+export interface InstanceRecord {
+  id: string;
+  driver: string;
+  imageName: string;
+  imageVersion: number;
+  imageId: string;
+  state: InstanceState;
+  createdAt: number;
+  updatedAt: number;
+  pid: number | null;
+  dir: string;
+  disks: string[];
+  consoleLog: string;
+  sshPort: number | null;
+  cpus: number;
+  memoryMiB: number;
+  diskGiB: number;
+  accel: string | null;
+  /** Who holds it (a command, a job id); free text for `ps`. */
+  owner: string | null;
+}
+
+const migrations: string[] = [
+  `CREATE TABLE instances (
+     id TEXT PRIMARY KEY,
+     driver TEXT NOT NULL,
+     image_name TEXT NOT NULL,
+     image_version INTEGER NOT NULL,
+     image_id TEXT NOT NULL,
+     state TEXT NOT NULL,
+     created_at INTEGER NOT NULL,
+     updated_at INTEGER NOT NULL,
+     pid INTEGER,
+     dir TEXT NOT NULL,
+     disks TEXT NOT NULL,
+     console_log TEXT NOT NULL,
+     ssh_port INTEGER,
+     cpus INTEGER NOT NULL,
+     memory_mib INTEGER NOT NULL,
+     disk_gib INTEGER NOT NULL,
+     accel TEXT,
+     owner TEXT
+   )`,
+];
+
+type Row = Record<string, string | number | null>;
+
+function toRecord(r: Row): InstanceRecord {
+  return {
+    id: String(r.id),
+    driver: String(r.driver),
+    imageName: String(r.image_name),
+    imageVersion: Number(r.image_version),
+    imageId: String(r.image_id),
+    state: String(r.state) as InstanceState,
+    createdAt: Number(r.created_at),
+    updatedAt: Number(r.updated_at),
+    pid: r.pid === null ? null : Number(r.pid),
+    dir: String(r.dir),
+    disks: JSON.parse(String(r.disks)) as string[],
+    consoleLog: String(r.console_log),
+    sshPort: r.ssh_port === null ? null : Number(r.ssh_port),
+    cpus: Number(r.cpus),
+    memoryMiB: Number(r.memory_mib),
+    diskGiB: Number(r.disk_gib),
+    accel: r.accel === null ? null : String(r.accel),
+    owner: r.owner === null ? null : String(r.owner),
+  };
+}
+
+export class StateStore {
+  readonly path: string;
+  #db: DatabaseSync;
+
+  constructor(path: string) {
+    this.path = path;
+    try {
+      mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
+      this.#db = new DatabaseSync(path);
+      this.#db.exec('PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;');
+      this.#migrate();
+    } catch (e) {
+      throw new MayflyError(ErrorCode.STATE, `cannot open the state database ${path}: ${errorText(e)}`, {
+        hint: 'check that the data dir is writable (mayfly needs root), or pass another --data-dir',
+        cause: e,
+      });
+    }
+  }
+
+  #migrate(): void {
+    const row = this.#db.prepare('PRAGMA user_version').get() as { user_version: number };
+    for (let v = row.user_version; v < migrations.length; v++) {
+      this.#db.exec('BEGIN IMMEDIATE');
+      try {
+        this.#db.exec(migrations[v]!);
+        this.#db.exec(`PRAGMA user_version = ${v + 1}`);
+        this.#db.exec('COMMIT');
+      } catch (e) {
+        this.#db.exec('ROLLBACK');
+        throw e;
+      }
+    }
+  }
+
+  insertInstance(rec: InstanceRecord): void {
+    this.#db
+      .prepare(
+        `INSERT INTO instances (id, driver, image_name, image_version, image_id, state, created_at, updated_at, pid, dir,
+           disks, console_log, ssh_port, cpus, memory_mib, disk_gib, accel, owner)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+      )
+      .run(
+        rec.id, rec.driver, rec.imageName, rec.imageVersion, rec.imageId, rec.state, rec.createdAt, rec.updatedAt,
+        rec.pid, rec.dir, JSON.stringify(rec.disks), rec.consoleLog, rec.sshPort, rec.cpus, rec.memoryMiB,
+        rec.diskGiB, rec.accel, rec.owner,
+      );
+  }
+
+  updateInstance(id: string, patch: Partial<Pick<InstanceRecord, 'state' | 'pid' | 'sshPort' | 'accel' | 'owner'>>): void {
+    const cols: Record<string, string> = { state: 'state', pid: 'pid', sshPort: 'ssh_port', accel: 'accel', owner: 'owner' };
+    const sets: string[] = ['updated_at = ?'];
+    const values: (string | number | null)[] = [Date.now()];
+    for (const [k, v] of Object.entries(patch)) {
+      const col = cols[k];
+      if (!col) continue;
+      sets.push(`${col} = ?`);
+      values.push(v as string | number | null);
+    }
+    this.#db.prepare(`UPDATE instances SET ${sets.join(', ')} WHERE id = ?`).run(...values, id);
+  }
+
+  deleteInstance(id: string): void {
+    this.#db.prepare('DELETE FROM instances WHERE id = ?').run(id);
+  }
+
+  getInstance(id: string): InstanceRecord | undefined {
+    const r = this.#db.prepare('SELECT * FROM instances WHERE id = ?').get(id) as Row | undefined;
+    return r ? toRecord(r) : undefined;
+  }
+
+  listInstances(): InstanceRecord[] {
+    return (this.#db.prepare('SELECT * FROM instances ORDER BY created_at').all() as Row[]).map(toRecord);
+  }
+
+  instancesUsingImage(name: string, version?: number): InstanceRecord[] {
+    return this.listInstances().filter((i) => i.imageName === name && (version === undefined || i.imageVersion === version));
+  }
+
+  close(): void {
+    this.#db.close();
+  }
+}
