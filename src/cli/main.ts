@@ -1,6 +1,7 @@
 import { Command, CommanderError, Option } from 'commander';
 import { ErrorCode, MayflyError } from '../errors.ts';
 import { reportError } from './report.ts';
+import { isValidEnvName } from '../util/shell.ts';
 import { version } from '../version.ts';
 import { createContext, defaultDataDir, type Context, type GlobalOptions } from './context.ts';
 import { registerExec } from './commands/exec.ts';
@@ -55,6 +56,12 @@ export async function main(argv: string[]): Promise<number> {
 export function collectPairs(value: string, previous: Record<string, string> = {}): Record<string, string> {
   const i = value.indexOf('=');
   if (i <= 0) throw new MayflyError(ErrorCode.USAGE, `'${value}' is not KEY=VALUE`, { exitCode: EXIT_USAGE });
+  if (!isValidEnvName(value.slice(0, i))) {
+    throw new MayflyError(ErrorCode.USAGE, `'${value.slice(0, i)}' is not a valid variable name`, {
+      hint: 'names are letters, digits and _, not starting with a digit',
+      exitCode: EXIT_USAGE,
+    });
+  }
   return { ...previous, [value.slice(0, i)]: value.slice(i + 1) };
 }
 

@@ -59,8 +59,9 @@ export function remoteCommand(argv: readonly string[], opts: { env?: Record<stri
     }
   }
   const assignments = env.map(([k, v]) => shellQuote(`${k}=${v}`));
-  const run = `exec env ${assignments.length ? `-- ${assignments.join(' ')} ` : ''}${shellJoin(argv)}`;
-  return opts.cwd ? `cd ${shellQuote(opts.cwd)} && ${run}` : run;
+  // `env --` so that an argv[0] starting with '-' or holding '=' is still the command.
+  const run = `exec env -- ${assignments.length ? `${assignments.join(' ')} ` : ''}${shellJoin(argv)}`;
+  return opts.cwd ? `cd -- ${shellQuote(opts.cwd)} && ${run}` : run;
 }
 
 export class GuestChannel {
@@ -177,6 +178,9 @@ export class GuestChannel {
         }
         let code: number | null = null;
         let sig: string | null = null;
+        let settled = false;
+        // On abort the caller is done with the command: answer at once rather than wait for
+        // sshd, which holds the channel open while any process still has its output pipes.
         const onAbort = () => {
           try {
             channel.signal('KILL');
@@ -184,21 +188,24 @@ export class GuestChannel {
             // the channel may already be gone
           }
           channel.close();
+          if (!settled) {
+            settled = true;
+            reject(opts.signal!.reason);
+          }
         };
         opts.signal?.addEventListener('abort', onAbort, { once: true });
         channel.on('exit', (c: number | null, s?: string) => {
           code = c;
-          sig = s ?? null;
+          // ssh2 reports signals as 'SIGKILL'; the protocol's own name is 'KILL'.
+          sig = s ? s.replace(/^SIG/, '') : null;
         });
         pipeOut(channel, opts.stdout);
         pipeOut(channel.stderr, opts.stderr);
         channel.on('close', () => {
           opts.signal?.removeEventListener('abort', onAbort);
+          if (settled) return;
+          settled = true;
           if (code === null && sig === null) {
-            if (opts.signal?.aborted) {
-              reject(opts.signal.reason);
-              return;
-            }
             reject(new MayflyError(ErrorCode.GUEST_CHANNEL, 'the machine closed the command without an exit status (it may have shut down or crashed)'));
             return;
           }

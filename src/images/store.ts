@@ -1,4 +1,4 @@
-import { existsSync, mkdirSync, readFileSync, readdirSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ErrorCode, MayflyError } from '../errors.ts';
 import { imageNamePattern } from './recipe.ts';
@@ -47,17 +47,18 @@ export class ImageStore {
   tempDir(prefix: string): string {
     const tmp = join(this.root, '.tmp');
     mkdirSync(tmp, { recursive: true, mode: 0o700 });
-    const dir = join(tmp, `${prefix}-${process.pid}-${Date.now().toString(36)}`);
-    mkdirSync(dir, { recursive: true, mode: 0o700 });
-    return dir;
+    return mkdtempSync(join(tmp, `${prefix}-`));
   }
 
   /** Moves a prepared directory (with manifest fields except name/version) in as the next version. */
   publish(preparedDir: string, manifest: Omit<ImageManifest, 'version'>): Image {
     const nameDir = join(this.root, manifest.name);
     mkdirSync(nameDir, { recursive: true });
+    let floor = 0;
     for (let attempt = 0; attempt < 100; attempt++) {
-      const version = this.#nextVersion(manifest.name);
+      // A directory without a manifest (a crashed publish) is not listed but still taken.
+      const version = Math.max(floor, this.#nextVersion(manifest.name));
+      floor = version + 1;
       const full: ImageManifest = { ...manifest, version };
       writeFileSync(join(preparedDir, 'manifest.json'), JSON.stringify(full, null, 2) + '\n');
       try {

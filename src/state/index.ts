@@ -87,7 +87,8 @@ export class StateStore {
     try {
       mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
       this.#db = new DatabaseSync(path);
-      this.#db.exec('PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;');
+      // busy_timeout first: switching to WAL takes a lock that other openers must wait for.
+      this.#db.exec('PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON;');
       this.#migrate();
     } catch (e) {
       throw new MayflyError(ErrorCode.STATE, `cannot open the state database ${path}: ${errorText(e)}`, {
@@ -97,18 +98,23 @@ export class StateStore {
     }
   }
 
+  #version(): number {
+    return (this.#db.prepare('PRAGMA user_version').get() as { user_version: number }).user_version;
+  }
+
   #migrate(): void {
-    const row = this.#db.prepare('PRAGMA user_version').get() as { user_version: number };
-    for (let v = row.user_version; v < migrations.length; v++) {
-      this.#db.exec('BEGIN IMMEDIATE');
-      try {
+    if (this.#version() >= migrations.length) return;
+    // Another process may migrate at the same moment: read the version again under the write lock.
+    this.#db.exec('BEGIN IMMEDIATE');
+    try {
+      for (let v = this.#version(); v < migrations.length; v++) {
         this.#db.exec(migrations[v]!);
         this.#db.exec(`PRAGMA user_version = ${v + 1}`);
-        this.#db.exec('COMMIT');
-      } catch (e) {
-        this.#db.exec('ROLLBACK');
-        throw e;
       }
+      this.#db.exec('COMMIT');
+    } catch (e) {
+      this.#db.exec('ROLLBACK');
+      throw e;
     }
   }
 

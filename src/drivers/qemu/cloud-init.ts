@@ -12,7 +12,9 @@ import type { MachineIdentity } from '../types.ts';
  * clone its host key, the authorized key for root and the job user, and its hostname.
  */
 export function noCloudDocuments(identity: MachineIdentity, user: string): { metaData: string; userData: string } {
-  const metaData = stringify({ 'instance-id': identity.id, 'local-hostname': identity.hostname });
+  // cloud-init reads YAML 1.1 (PyYAML), where e.g. `yes` or `12:30` are not strings.
+  const yaml11 = { version: '1.1' } as const;
+  const metaData = stringify({ 'instance-id': identity.id, 'local-hostname': identity.hostname }, yaml11);
   const userData =
     '#cloud-config\n' +
     stringify({
@@ -33,7 +35,7 @@ export function noCloudDocuments(identity: MachineIdentity, user: string): { met
         },
       ],
       runcmd: [['sh', '-c', 'mkdir -p /builds && chown ' + user + ': /builds']],
-    });
+    }, yaml11);
   return { metaData, userData };
 }
 

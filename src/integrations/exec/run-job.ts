@@ -7,7 +7,7 @@ import { ErrorCode, MayflyError } from '../../errors.ts';
 import type { GuestChannel } from '../../guest/index.ts';
 import type { Engine } from '../../pool/index.ts';
 import { run, runChecked } from '../../util/exec.ts';
-import { shellQuote } from '../../util/shell.ts';
+import { isValidEnvName, shellQuote } from '../../util/shell.ts';
 import { workspace } from '../local/run.ts';
 import { parseCiFile, resolveJob, type CiJob } from './gitlab-ci.ts';
 import { expandVariables, refSlug } from './variables.ts';
@@ -109,6 +109,13 @@ export function predefinedVariables(p: PreparedJob, image: string): Record<strin
 
 /** A bash script that exports the variables, enters the project and runs each line echoed, like the runner. */
 export function jobScript(env: Record<string, string>, lines: readonly string[], failFast: boolean): string {
+  // Names are written into the script unquoted; one that is not an identifier could run code.
+  const bad = Object.keys(env).find((k) => !isValidEnvName(k));
+  if (bad !== undefined) {
+    throw new MayflyError(ErrorCode.CI_FILE_INVALID, `'${bad}' is not a valid variable name`, {
+      hint: 'variable names are letters, digits and _, not starting with a digit',
+    });
+  }
   const out = ['#!/usr/bin/env bash', failFast ? 'set -eo pipefail' : 'set +e'];
   for (const [k, v] of Object.entries(env)) out.push(`export ${k}=${shellQuote(v)}`);
   out.push('cd "$CI_PROJECT_DIR"');
@@ -126,6 +133,7 @@ export async function execJob(engine: Engine, req: ExecJobRequest): Promise<numb
 
   const imageRef = pickImage(engine, p.job.image, req.image, say);
   const vars = expandVariables({ ...p.job.variables, ...req.vars }, predefinedVariables(p, imageRef));
+  const mainScript = jobScript(vars, [...p.job.beforeScript, ...p.job.script], true); // validates names before a boot
   say(`job "${p.job.name}" (stage ${p.stage}) from ${p.job.file} in a fresh ${imageRef} machine`);
 
   const lease = await engine.lease({ image: imageRef, size: req.size, owner: `exec: ${p.job.name}`, signal: req.signal });
@@ -134,7 +142,7 @@ export async function execJob(engine: Engine, req: ExecJobRequest): Promise<numb
     await copyWorkingTree(p.repo.root, guest, vars.CI_PROJECT_DIR!, req.signal);
     const out = { stdout: (c: Buffer) => req.stdout.write(c), stderr: (c: Buffer) => req.stderr.write(c), signal: req.signal };
 
-    const main = await runStep(guest, 'script', jobScript(vars, [...p.job.beforeScript, ...p.job.script], true), out);
+    const main = await runStep(guest, 'script', mainScript, out);
     if (p.job.afterScript.length > 0) {
       say('running after_script');
       const status = main === 0 ? 'success' : 'failed';

@@ -16,7 +16,7 @@ export function expandVariables(vars: Record<string, string>, base: Record<strin
 export function refSlug(ref: string): string {
   return ref
     .toLowerCase()
-    .replace(/[^a-z0-9]/g, '-')
+    .replace(/[^a-z0-9]/gu, '-')
     .slice(0, 63)
     .replace(/^-+|-+$/g, '');
 }
