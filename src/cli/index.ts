@@ -1,3 +1,5 @@
 import { main } from './main.ts';
 
-process.exitCode = await main(process.argv);
+// Exit explicitly: a command is done when main returns, even if a library left a timer or a
+// socket behind. (stdout/stderr writes to pipes and files are synchronous on Linux.)
+process.exit(await main(process.argv));

@@ -86,10 +86,20 @@ export class GuestChannel {
   }
 
   /** One connection attempt, verified against the pinned host key. */
-  static connectOnce(ep: GuestEndpoint, timeoutMs: number): Promise<GuestChannel> {
+  static connectOnce(ep: GuestEndpoint, timeoutMs: number, signal?: AbortSignal): Promise<GuestChannel> {
     const expected = parsePublicKey(ep.hostKey);
     return new Promise((resolve, reject) => {
+      signal?.throwIfAborted();
       const client = new Client();
+      let settled = false;
+      const onAbort = () => {
+        if (!settled) {
+          settled = true;
+          reject(signal!.reason);
+        }
+        client.destroy();
+      };
+      signal?.addEventListener('abort', onAbort, { once: true });
       let mismatch = false;
       const config: ConnectConfig = {
         host: ep.host,
@@ -104,11 +114,11 @@ export class GuestChannel {
           return !mismatch;
         },
       };
-      let settled = false;
       // ssh2 may emit 'error' more than once for one failed attempt; every one must be handled.
       client.on('error', (e: Error) => {
         if (settled) return;
         settled = true;
+        signal?.removeEventListener('abort', onAbort);
         client.end();
         if (mismatch) {
           reject(
@@ -123,6 +133,7 @@ export class GuestChannel {
       client.once('ready', () => {
         if (settled) return;
         settled = true;
+        signal?.removeEventListener('abort', onAbort);
         resolve(new GuestChannel(ep, client));
       });
       client.connect(config);
@@ -144,13 +155,13 @@ export class GuestChannel {
       const dead = opts.alive?.();
       if (dead) throw new MayflyError(ErrorCode.MACHINE_START_FAILED, dead);
       try {
-        const ch = await GuestChannel.connectOnce(ep, Math.min(10_000, Math.max(1000, deadline - Date.now())));
-        const r = await ch.exec(['true']);
+        const ch = await GuestChannel.connectOnce(ep, Math.min(10_000, Math.max(1000, deadline - Date.now())), opts.signal);
+        const r = await ch.exec(['true'], { signal: opts.signal });
         if (r.exitCode === 0) return ch;
         ch.close();
         lastError = `'true' exited with ${r.exitCode}`;
       } catch (e) {
-        if (e instanceof MayflyError) throw e;
+        if (e instanceof MayflyError || opts.signal?.aborted) throw e;
         lastError = errorText(e);
       }
       await sleep(200, undefined, { signal: opts.signal });

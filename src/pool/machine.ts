@@ -146,14 +146,19 @@ export class Machine {
     this.#deps.state.updateInstance(this.id, { owner, state });
   }
 
+  /** Closes mayfly's connections but leaves the machine running (run --keep). */
+  disconnect(): void {
+    this.guest?.close();
+    this.#rootChannel?.close();
+  }
+
   /** Stops the machine and removes its clone, keys, sockets and record. Safe to call twice. */
   async destroy(): Promise<void> {
     if (this.#destroyed) return;
     this.#destroyed = true;
     const d = this.#deps;
     d.state.updateInstance(this.id, { state: 'destroying' });
-    this.guest?.close();
-    this.#rootChannel?.close();
+    this.disconnect();
     await d.driver.stop(this.started?.pid ?? null, this.dir);
     rmSync(this.dir, { recursive: true, force: true });
     d.state.deleteInstance(this.id);

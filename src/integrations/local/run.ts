@@ -36,8 +36,12 @@ export async function runInFreshMachine(engine: Engine, req: RunRequest): Promis
     });
     return r.exitCode;
   } finally {
-    if (req.keep && !req.signal?.aborted) req.onKept?.(keptHowTo(lease, req.asRoot ? 'root' : lease.machine.image.user));
-    else await lease.release();
+    if (req.keep && !req.signal?.aborted) {
+      lease.machine.disconnect();
+      req.onKept?.(keptHowTo(lease, req.asRoot ? 'root' : lease.machine.image.user));
+    } else {
+      await lease.release();
+    }
   }
 }
 
