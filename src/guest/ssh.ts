@@ -26,6 +26,8 @@ export interface ExecOptions {
   env?: Record<string, string>;
   /** Working directory in the guest. */
   cwd?: string;
+  /** A stream is read only once the command has started: a child process's stdout must already
+   * be listened to (e.g. piped into a PassThrough), or Node drains it when that child exits. */
   stdin?: Readable | string | Buffer;
   stdout?: Writable | ((chunk: Buffer) => void);
   stderr?: Writable | ((chunk: Buffer) => void);

@@ -2,6 +2,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'no
 import { tmpdir } from 'node:os';
 import { basename, dirname, join, relative, resolve } from 'node:path';
 import { spawn } from 'node:child_process';
+import { PassThrough } from 'node:stream';
 import type { MachineSize } from '../../drivers/index.ts';
 import { ErrorCode, MayflyError } from '../../errors.ts';
 import type { GuestChannel } from '../../guest/index.ts';
@@ -199,12 +200,21 @@ async function copyWorkingTree(root: string, guest: GuestChannel, dest: string, 
     const tarErr: Buffer[] = [];
     tar.stderr.on('data', (c: Buffer) => tarErr.push(c));
     const tarDone = new Promise<number>((res) => tar.on('close', (c) => res(c ?? 1)));
-    const r = await guest.execRaw(`mkdir -p ${shellQuote(dest)} && tar -x -C ${shellQuote(dest)} -f -`, { stdin: tar.stdout, signal });
+    const unpackErr: Buffer[] = [];
+    // Held in a PassThrough from the start: Node drains an unread child stdout when the child
+    // exits, which a small tree's tar does before the remote command is ready to read it.
+    const archive = tar.stdout.pipe(new PassThrough({ highWaterMark: 4 << 20 }));
+    const r = await guest.execRaw(`mkdir -p ${shellQuote(dest)} && tar -x -C ${shellQuote(dest)} -f -`, {
+      stdin: archive,
+      stderr: (c) => unpackErr.push(c),
+      signal,
+    });
     const tarCode = await tarDone;
     if (tarCode !== 0 || r.exitCode !== 0) {
+      const why = Buffer.concat([...tarErr, ...unpackErr]).toString().trim();
       throw new MayflyError(
         ErrorCode.GUEST_CHANNEL,
-        `copying the working tree into the machine failed (tar exit ${tarCode}, unpack exit ${r.exitCode}): ${Buffer.concat(tarErr).toString().trim()}`,
+        `copying the working tree into the machine failed (tar exit ${tarCode}, unpack exit ${r.exitCode})${why ? `: ${why}` : ''}`,
       );
     }
   } finally {
