@@ -153,12 +153,13 @@ export async function buildImage(store: ImageStore, recipe: Recipe, opts: BuildO
   }
 }
 
-/** mmdebstrap customize hooks: the recipe's commands, its playbook, then mayfly's own guest setup last. */
+/** mmdebstrap customize hooks: mayfly's guest setup, the recipe's commands and playbook, then mayfly's finalize step. */
 function customizeHooks(recipe: Recipe, work: string): string[] {
   const hooks: string[] = [];
   const scripts = join(work, 'scripts');
   mkdirSync(scripts, { recursive: true });
   hooks.push(`mkdir -p "$1/tmp/mayfly-guest" && cp -a ${shellQuote(guestFilesDir)}/. "$1/tmp/mayfly-guest/"`);
+  hooks.push('chroot "$1" /bin/sh /tmp/mayfly-guest/setup-rootfs.sh');
   recipe.commands.forEach((cmd, i) => {
     const file = join(scripts, `command-${i + 1}.sh`);
     writeFileSync(file, `set -e\n${cmd}\n`);
@@ -169,7 +170,7 @@ function customizeHooks(recipe: Recipe, work: string): string[] {
   if (recipe.playbook) {
     hooks.push(`ansible-playbook -i "$1," -c community.general.chroot ${shellQuote(recipe.playbook)}`);
   }
-  hooks.push('chroot "$1" /bin/sh /tmp/mayfly-guest/setup-rootfs.sh');
+  hooks.push('chroot "$1" /bin/sh /tmp/mayfly-guest/finalize-rootfs.sh');
   return hooks.map((h) => `--customize-hook=${h}`);
 }
 

@@ -2,7 +2,8 @@
 # Runs inside a freshly bootstrapped rootfs (chroot) and turns it into a mayfly machine:
 # the `ci` user, the /builds workspace, static user-mode networking, an sshd that takes its
 # host key from the host at boot, and nothing that slows a boot or runs in the background.
-# Expects the guest files in /tmp/mayfly-guest.
+# Runs before the recipe's own commands, so they can rely on all of this. Expects the guest
+# files in /tmp/mayfly-guest; finalize-rootfs.sh runs after the recipe.
 set -eu
 g=/tmp/mayfly-guest
 install -m 0755 "$g/mayfly-guest-init" /usr/local/sbin/mayfly-guest-init
@@ -18,8 +19,6 @@ fi
 mkdir -p /builds
 chown ci:ci /builds
 
-# Every clone gets its own host key at boot; none may be baked into the image.
-rm -f /etc/ssh/ssh_host_*
 mkdir -p /etc/ssh/sshd_config.d
 cat > /etc/ssh/sshd_config.d/mayfly.conf <<'CONF'
 HostKey /etc/ssh/ssh_host_ed25519_key
@@ -30,11 +29,6 @@ UseDNS no
 MaxSessions 64
 MaxStartups 64:30:128
 CONF
-
-# systemd makes a new machine-id at first boot when the file is empty, so clones differ.
-: > /etc/machine-id
-rm -f /var/lib/dbus/machine-id
-echo mayfly > /etc/hostname
 
 # User-mode networking (slirp) always gives 10.0.2.15; static addressing skips DHCP.
 mkdir -p /etc/systemd/network
@@ -48,8 +42,6 @@ Gateway=10.0.2.2
 DNS=10.0.2.3
 CONF
 systemctl enable systemd-networkd.service >/dev/null 2>&1 || true
-rm -f /etc/resolv.conf
-echo 'nameserver 10.0.2.3' > /etc/resolv.conf
 echo '/dev/vda / ext4 rw,errors=remount-ro 0 1' > /etc/fstab
 
 for unit in apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer \
@@ -58,12 +50,3 @@ for unit in apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub
   systemctl mask "$unit" >/dev/null 2>&1 || true
 done
 
-# A small initrd boots noticeably faster under TCG than the default "most modules" one.
-if [ -d /etc/initramfs-tools ] && ls /boot/vmlinuz-* >/dev/null 2>&1; then
-  sed -i 's/^MODULES=.*/MODULES=list/' /etc/initramfs-tools/initramfs.conf
-  printf 'virtio_pci\nvirtio_blk\nvirtio_net\nvirtio_scsi\n' >> /etc/initramfs-tools/modules
-  update-initramfs -u -k all >/dev/null
-fi
-
-apt-get clean
-rm -rf /var/lib/apt/lists/* /tmp/mayfly-guest
