@@ -16,6 +16,7 @@ import { closeSync, fsyncSync, mkdirSync, mkdtempSync, openSync, rmSync, statSyn
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { qcow2Overlay } from '../src/storage/qcow2.ts';
+import { fail, fmt, printComparison } from './lib.ts';
 
 const { values } = parseArgs({
   options: {
@@ -89,14 +90,10 @@ try {
     console.log(`run ${i}/${runs}: overlay ${fmt(overlayMs.at(-1)!)}  copy ${fmt(copyMs.at(-1)!)}`);
   }
 
-  const o = summary(overlayMs);
-  const c = summary(copyMs);
-  console.log('');
-  console.log(`                        min       median    max`);
-  console.log(`mayfly (qcow2 overlay)  ${fmt(o.min)}  ${fmt(o.median)}  ${fmt(o.max)}`);
-  console.log(`baseline (full copy)    ${fmt(c.min)}  ${fmt(c.median)}  ${fmt(c.max)}`);
-  console.log('');
-  console.log(`ratio of medians (baseline / mayfly): ${(c.median / o.median).toFixed(1)}x`);
+  printComparison(`clone of a ${sizeGiB} GiB image, ${runs} runs`, overlayMs, copyMs, {
+    mayfly: 'mayfly (qcow2 overlay)',
+    baseline: 'baseline (full copy)',
+  });
 } finally {
   rmSync(work, { recursive: true, force: true });
 }
@@ -151,20 +148,4 @@ function exec(cmd: string, args: string[]): Promise<string> {
       else reject(new Error(`${cmd} ${args.join(' ')} failed (exit ${code}): ${err.trim()}`));
     });
   });
-}
-
-function summary(ms: number[]): { min: number; median: number; max: number } {
-  const s = [...ms].sort((a, b) => a - b);
-  const mid = Math.floor(s.length / 2);
-  const median = s.length % 2 === 1 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
-  return { min: s[0]!, median, max: s.at(-1)! };
-}
-
-function fmt(ms: number): string {
-  return (ms >= 1000 ? `${(ms / 1000).toFixed(2)} s` : `${ms.toFixed(1)} ms`).padStart(8);
-}
-
-function fail(message: string): never {
-  console.error(`bench/clone: ${message}`);
-  process.exit(2);
 }

@@ -23,6 +23,13 @@ export function bytes(n: number): string {
   return `${n.toFixed(i === 0 ? 0 : 1)} ${units[i]}`;
 }
 
+/** A listing: JSON for programs, a table for people, or a line saying there is nothing. */
+export function printList<T>(items: T[], o: { json: boolean; empty: string; headers: string[]; row: (item: T) => string[] }): void {
+  if (o.json) printJson(items);
+  else if (items.length === 0) process.stdout.write(o.empty + '\n');
+  else process.stdout.write(table(o.headers, items.map(o.row)) + '\n');
+}
+
 export function printJson(value: unknown): void {
   process.stdout.write(JSON.stringify(value, null, 2) + '\n');
 }

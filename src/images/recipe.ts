@@ -1,12 +1,12 @@
-import { existsSync, readdirSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { z } from 'zod';
+import { IMAGE_NAME } from '../config/schema.ts';
 import { parseToml } from '../config/toml.ts';
-import { readFileSync } from 'node:fs';
 import { ErrorCode, MayflyError } from '../errors.ts';
 
-export const imageNamePattern = /^[a-z0-9][a-z0-9._-]{0,62}$/;
+export const imageNamePattern = IMAGE_NAME;
 export const imageName = z.string().regex(imageNamePattern, 'must be lower-case letters, digits, ".", "_" or "-" (at most 63)');
 
 const packageName = z.string().regex(/^[a-z0-9][a-z0-9+.-]*(=[A-Za-z0-9.+:~-]+)?$/, 'is not a Debian package name');

@@ -72,8 +72,30 @@ describe('mayfly run', { timeout: 900_000 }, () => {
     const r = spawnSync('ssh', ['-o', 'BatchMode=yes', '-o', 'StrictHostKeyChecking=yes', ...args, 'cat /builds/state'], { encoding: 'utf8' });
     assert.equal(r.stdout, 'kept\n', r.stderr);
 
+    const inUse = await mayfly(['image', 'rm', 'debian-12']);
+    assert.equal(inUse.code, 2);
+    assert.match(inUse.stderr, new RegExp(`debian-12:\\d+ is used by ${id}`));
+
     const rm = await mayfly(['rm', id]);
     assert.equal(rm.code, 0, rm.stderr);
+    assertNothingLeft();
+  });
+
+  test('a boot timeout fails with the console lines and leaves nothing behind', async () => {
+    const tmp = mkdtempSync('/var/tmp/mayfly-cfg-');
+    try {
+      const cfg = join(tmp, 'config.toml');
+      // Under TCG a boot takes ~11 s, so 5 s always times out; with KVM it may not, so skip there.
+      writeFileSync(cfg, '[qemu]\nboot_timeout = 5\nboot_retries = 0\n');
+      const r = await mayfly(['--config', cfg, 'run', '--', 'true']);
+      if (r.code === 0) return; // a host fast enough to boot in 5 s proves nothing here
+      assert.equal(r.code, 125, r.stderr);
+      assert.match(r.stderr, /did not answer over SSH within 5 s/);
+      assert.match(r.stderr, /last console lines:\n\S/);
+      assert.match(r.stderr, /raise qemu\.boot_timeout/);
+    } finally {
+      rmSync(tmp, { recursive: true, force: true });
+    }
     assertNothingLeft();
   });
 

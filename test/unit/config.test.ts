@@ -8,6 +8,7 @@ import { loadConfig, defaultConfig, defaultConfigPath, type Config } from '../..
 import { ConfigSchema } from '../../src/config/schema.ts';
 import { closestMatch, formatKeyPath, lineForPath, locateKeys, parseToml } from '../../src/config/toml.ts';
 import { ErrorCode, MayflyError } from '../../src/errors.ts';
+import { catchMayfly } from '../helpers/assert.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'mayfly-config-test-'));
 after(() => rmSync(dir, { recursive: true, force: true }));
@@ -19,15 +20,6 @@ function writeFile(name: string, text: string): string {
 }
 
 /** Runs `fn`, which must throw a MayflyError; returns it for exact checks. */
-function catchMayfly(fn: () => unknown): MayflyError {
-  try {
-    fn();
-  } catch (e) {
-    assert.ok(e instanceof MayflyError, `expected a MayflyError, got ${String(e)}`);
-    return e;
-  }
-  assert.fail('expected an error to be thrown');
-}
 
 const DEFAULTS: Config = {
   defaults: { image: 'debian-12', cpus: 2, memory: 1024, disk: 4 },

@@ -9,6 +9,7 @@ import { after, describe, test } from 'node:test';
 import { ErrorCode, MayflyError } from '../../src/errors.ts';
 import { builtinRecipeDir, findRecipe, listRecipes, loadRecipeFile, parseRecipe } from '../../src/images/recipe.ts';
 import { ImageStore, type ImageManifest } from '../../src/images/store.ts';
+import { catchMayfly } from '../helpers/assert.ts';
 
 const root = mkdtempSync(join(tmpdir(), 'mayfly-images-test-'));
 after(() => rmSync(root, { recursive: true, force: true }));
@@ -52,15 +53,6 @@ function prepare(store: ImageStore, marker: string): string {
 
 const hex = (c: string) => `sha256:${c.repeat(64).slice(0, 64)}`;
 
-function catchMayfly(fn: () => unknown): MayflyError {
-  try {
-    fn();
-  } catch (e) {
-    assert.ok(e instanceof MayflyError, `expected a MayflyError, got ${String(e)}`);
-    return e;
-  }
-  assert.fail('expected an error to be thrown');
-}
 
 describe('ImageStore.publish', () => {
   test('versions count up 1, 2, 3 and each is complete', () => {

@@ -1,7 +1,7 @@
 import type { Command } from 'commander';
 import { ErrorCode, MayflyError } from '../../errors.ts';
 import { buildImage, findRecipe, importImage } from '../../images/index.ts';
-import { age, bytes, printJson, table } from '../format.ts';
+import { age, bytes, printJson, printList } from '../format.ts';
 import type { ContextFactory } from '../main.ts';
 import { withAbort } from '../signals.ts';
 
@@ -27,28 +27,19 @@ export function registerImage(program: Command, context: ContextFactory): void {
     .option('--json', 'JSON output')
     .action((o: { json?: boolean }) => {
       const ctx = context();
-      const list = ctx.engine().images.list();
-      if (o.json || ctx.opts.json) {
-        printJson(list);
-        return;
-      }
-      if (list.length === 0) {
-        process.stdout.write('no images yet; build the default one with: mayfly image build debian-12\n');
-        return;
-      }
-      process.stdout.write(
-        table(
-          ['NAME', 'VERSION', 'ID', 'SIZE', 'AGE', 'SOURCE'],
-          list.map((i) => [
-            i.name,
-            String(i.version),
-            i.id.slice(0, 19),
-            bytes(i.sizeBytes),
-            age(Date.parse(i.createdAt)),
-            i.source.type === 'recipe' ? `recipe ${i.source.recipe}` : `import ${i.source.disk}`,
-          ]),
-        ) + '\n',
-      );
+      printList(ctx.engine().images.list(), {
+        json: Boolean(o.json || ctx.opts.json),
+        empty: 'no images yet; build the default one with: mayfly image build debian-12',
+        headers: ['NAME', 'VERSION', 'ID', 'SIZE', 'AGE', 'SOURCE'],
+        row: (i) => [
+          i.name,
+          String(i.version),
+          i.id.slice(0, 19),
+          bytes(i.sizeBytes),
+          age(Date.parse(i.createdAt)),
+          i.source.type === 'recipe' ? `recipe ${i.source.recipe}` : `import ${i.source.disk}`,
+        ],
+      });
     });
 
   image

@@ -1,7 +1,7 @@
 import type { Command } from 'commander';
 import { ErrorCode, MayflyError } from '../../errors.ts';
 import { runInFreshMachine } from '../../integrations/local/run.ts';
-import { age, printJson, table } from '../format.ts';
+import { age, printList } from '../format.ts';
 import { collectPairs, positiveInt, type ContextFactory } from '../main.ts';
 import { withSignals } from '../signals.ts';
 
@@ -42,32 +42,23 @@ export function registerMachines(program: Command, context: ContextFactory): voi
     .option('--json', 'JSON output')
     .action((o: { json?: boolean }) => {
       const ctx = context();
-      const list = ctx.engine().instances();
-      if (o.json || ctx.opts.json) {
-        printJson(list);
-        return;
-      }
-      if (list.length === 0) {
-        process.stdout.write('no machines\n');
-        return;
-      }
-      process.stdout.write(
-        table(
-          ['ID', 'DRIVER', 'IMAGE', 'STATE', 'AGE', 'PID', 'SIZE', 'OWNER', 'DISK', 'CONSOLE'],
-          list.map((i) => [
-            i.id,
-            i.driver,
-            `${i.imageName}:${i.imageVersion}`,
-            i.running || i.state === 'creating' ? i.state : `${i.state} (process gone)`,
-            age(i.createdAt),
-            i.pid === null ? '-' : String(i.pid),
-            `${i.cpus}cpu/${i.memoryMiB}M/${i.diskGiB}G`,
-            i.owner ?? '-',
-            i.disks.join(','),
-            i.consoleLog,
-          ]),
-        ) + '\n',
-      );
+      printList(ctx.engine().instances(), {
+        json: Boolean(o.json || ctx.opts.json),
+        empty: 'no machines',
+        headers: ['ID', 'DRIVER', 'IMAGE', 'STATE', 'AGE', 'PID', 'SIZE', 'OWNER', 'DISK', 'CONSOLE'],
+        row: (i) => [
+          i.id,
+          i.driver,
+          `${i.imageName}:${i.imageVersion}`,
+          i.running || i.state === 'creating' ? i.state : `${i.state} (process gone)`,
+          age(i.createdAt),
+          i.pid === null ? '-' : String(i.pid),
+          `${i.cpus}cpu/${i.memoryMiB}M/${i.diskGiB}G`,
+          i.owner ?? '-',
+          i.disks.join(','),
+          i.consoleLog,
+        ],
+      });
     });
 
   program
