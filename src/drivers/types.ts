@@ -28,6 +28,8 @@ export interface StartSpec {
   size: MachineSize;
   disk: Clone;
   identity: MachineIdentity;
+  /** Boot with full console output (no `quiet`), to diagnose a boot that timed out before. */
+  verbose?: boolean;
 }
 
 export interface StartedMachine {

@@ -98,6 +98,7 @@ export class Machine {
           size: this.size,
           disk,
           identity: { id: this.id, hostname: this.id, hostKey: host, authorizedKey: user.publicKey },
+          verbose: attempt > 0,
         },
         { log: d.log, signal },
       );
@@ -116,11 +117,14 @@ export class Machine {
         await d.driver.stop(this.started.pid, this.dir);
         await d.storage.remove(disk);
         if (timedOut && attempt < d.bootRetries) {
-          d.log.warn({ instance: this.id, attempt: attempt + 1 }, 'boot timed out; retrying with a fresh clone');
+          d.log.warn({ instance: this.id, attempt: attempt + 1 }, 'boot timed out; retrying with a fresh clone and a verbose console');
           continue;
         }
         if (timedOut) {
-          throw new MayflyError(ErrorCode.BOOT_TIMEOUT, `${e.message}${tail ? `\nlast console lines:\n${tail}` : ''}`, {
+          const console = tail
+            ? `\nlast console lines:\n${tail}`
+            : `\nthe console printed nothing${attempt === 0 ? " (the first boot runs with 'quiet'; set qemu.boot_retries >= 1 for a verbose retry)" : ''}`;
+          throw new MayflyError(ErrorCode.BOOT_TIMEOUT, `${e.message}${console}`, {
             hint: 'raise qemu.boot_timeout in the config if the host is busy; see the README section on TCG',
           });
         }
