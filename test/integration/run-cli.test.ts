@@ -93,7 +93,7 @@ describe('mayfly run', { timeout: 900_000 }, () => {
       assert.equal(r.code, 125, r.stderr);
       assert.match(r.stderr, /did not answer over SSH within 5 s/);
       assert.match(r.stderr, /boot timed out; retrying/);
-      assert.match(r.stderr, /last console lines:\n\[ *\d+\.\d+\] /);
+      assert.match(r.stderr, /last console lines:\n[\s\S]*^\[ *\d+\.\d+\] /m);
       assert.match(r.stderr, /raise qemu\.boot_timeout/);
     } finally {
       rmSync(tmp, { recursive: true, force: true });

@@ -191,7 +191,7 @@ export class QemuDriver implements Driver {
   consoleTail(dir: string, lines: number): string {
     try {
       // Without carriage returns and colour codes, so the lines read well inside an error message.
-      const text = readFileSync(join(dir, 'console.log'), 'utf8').replace(/\r|\x1b\[[0-9;]*m/g, '');
+      const text = readFileSync(join(dir, 'console.log'), 'utf8').replace(/\r|\x1b\[[0-9;]*[A-Za-z]|\x1b/g, '');
       return lastLines(text, lines);
     } catch {
       return '';
