@@ -12,7 +12,7 @@ export class MayflyError extends Error {
     this.name = 'MayflyError';
     this.code = code;
     this.hint = opts.hint;
-    this.exitCode = opts.exitCode ?? 2;
+    this.exitCode = opts.exitCode ?? (inputErrors.has(code) ? 2 : 1);
   }
 }
 
@@ -34,6 +34,7 @@ export const ErrorCode = {
   MACHINE_START_FAILED: 'MAYFLY_ERR_MACHINE_START_FAILED',
   BOOT_TIMEOUT: 'MAYFLY_ERR_BOOT_TIMEOUT',
   GUEST_CHANNEL: 'MAYFLY_ERR_GUEST_CHANNEL',
+  HOST_KEY_MISMATCH: 'MAYFLY_ERR_HOST_KEY_MISMATCH',
   INSTANCE_NOT_FOUND: 'MAYFLY_ERR_INSTANCE_NOT_FOUND',
   CI_FILE_NOT_FOUND: 'MAYFLY_ERR_CI_FILE_NOT_FOUND',
   CI_FILE_INVALID: 'MAYFLY_ERR_CI_FILE_INVALID',
@@ -42,6 +43,13 @@ export const ErrorCode = {
   STATE: 'MAYFLY_ERR_STATE',
 } as const;
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
+
+/** Errors in what the user gave (exit 2); every other failure exits 1. */
+const inputErrors: ReadonlySet<string> = new Set<string>([
+  ErrorCode.CONFIG_NOT_FOUND, ErrorCode.CONFIG_PARSE, ErrorCode.CONFIG_INVALID, ErrorCode.USAGE, ErrorCode.IMAGE_NOT_FOUND,
+  ErrorCode.IMAGE_IN_USE, ErrorCode.RECIPE_INVALID, ErrorCode.SIZE_INVALID, ErrorCode.INSTANCE_NOT_FOUND,
+  ErrorCode.CI_FILE_NOT_FOUND, ErrorCode.CI_FILE_INVALID, ErrorCode.CI_JOB_NOT_FOUND, ErrorCode.NOT_A_GIT_REPO,
+]);
 
 export function isMayflyError(e: unknown): e is MayflyError {
   return e instanceof MayflyError;

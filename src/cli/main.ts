@@ -1,6 +1,6 @@
 import { Command, CommanderError, Option } from 'commander';
 import { ErrorCode, MayflyError } from '../errors.ts';
-import { reportError } from './report.ts';
+import { EXIT_USAGE, reportError } from './report.ts';
 import { isValidEnvName } from '../util/shell.ts';
 import { version } from '../version.ts';
 import { createContext, defaultDataDir, type Context, type GlobalOptions } from './context.ts';
@@ -8,11 +8,6 @@ import { registerExec } from './commands/exec.ts';
 import { registerImage } from './commands/image.ts';
 import { registerLicenses } from './commands/licenses.ts';
 import { registerMachines } from './commands/machines.ts';
-
-// Exit codes of mayfly itself. `run` and `exec` otherwise exit with the job's own status, so
-// mayfly's failures there use 125 (as `docker run` does) to stay apart from the job's codes.
-export const EXIT_USAGE = 2;
-export const EXIT_MAYFLY_FAILED = 125;
 
 export type ContextFactory = () => Context;
 

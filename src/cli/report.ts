@@ -1,5 +1,11 @@
 import { isMayflyError } from '../errors.ts';
 
+// Exit codes of mayfly itself. `run` and `exec` otherwise exit with the job's own status, so
+// mayfly's failures there use 125 (as `docker run` does) to stay apart from the job's codes.
+export const EXIT_USAGE = 2;
+export const EXIT_MAYFLY_FAILED = 125;
+export const EXIT_INTERNAL = 70;
+
 /** Prints an error the way a user should see it and returns the exit code it maps to. */
 export function reportError(e: unknown, debug: boolean): number {
   if (isMayflyError(e)) {
@@ -10,5 +16,5 @@ export function reportError(e: unknown, debug: boolean): number {
   }
   process.stderr.write(`mayfly: internal error: ${e instanceof Error ? e.message : String(e)}\n`);
   process.stderr.write(debug && e instanceof Error ? `${e.stack}\n` : '  (run with --debug for the stack trace, and please report it)\n');
-  return 70;
+  return EXIT_INTERNAL;
 }

@@ -1,20 +1,26 @@
-import { isMayflyError } from '../errors.ts';
+import { Machine } from '../pool/index.ts';
 import type { Context } from './context.ts';
-import { reportError } from './report.ts';
+import { EXIT_MAYFLY_FAILED, reportError } from './report.ts';
 
 const signalExit: Record<string, number> = { SIGINT: 130, SIGTERM: 143, SIGHUP: 129 };
 
 /**
  * Runs a job-like command so that SIGINT/SIGTERM/SIGHUP abort it through an AbortSignal: the
  * command's own cleanup (destroying its machine) runs, then mayfly exits 128+signal.
- * mayfly's own failures exit 125, apart from any code the job itself may return.
+ * Every failure of mayfly itself exits 125, apart from any code the job itself may return.
  */
 export async function withSignals(ctx: Context, body: (signal: AbortSignal) => Promise<number>): Promise<number> {
   const ac = new AbortController();
   let received: string | undefined;
   const handlers = Object.keys(signalExit).map((sig) => {
     const h = () => {
-      if (received) return; // a second signal changes nothing; cleanup is already under way
+      if (received) {
+        // A second signal: the user will not wait for an orderly cleanup. Kill this process's
+        // machines and remove their files at once, then go.
+        process.stderr.write(`mayfly: ${sig} again: killing the machines now\n`);
+        Machine.killAllNow();
+        process.exit(signalExit[sig]);
+      }
       received = sig;
       ctx.log.warn({ signal: sig }, 'stopping: the job is cancelled and its machine destroyed');
       ac.abort(new Error(`cancelled by ${sig}`));
@@ -27,9 +33,8 @@ export async function withSignals(ctx: Context, body: (signal: AbortSignal) => P
     return received ? signalExit[received]! : code;
   } catch (e) {
     if (received) return signalExit[received]!;
-    if (!isMayflyError(e)) throw e;
     reportError(e, Boolean(ctx.opts.debug));
-    return 125;
+    return EXIT_MAYFLY_FAILED;
   } finally {
     for (const [sig, h] of handlers) process.off(sig, h);
   }

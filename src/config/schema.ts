@@ -16,6 +16,56 @@ const imageName = z.string().regex(IMAGE_NAME, {
   error: 'must be an image name: 1 to 63 characters of a-z, 0-9, ".", "_" or "-", starting with a letter or digit',
 });
 
+// A duration: whole seconds, or a string such as "90s", "20m", "1h30m".
+const duration = z.union([
+  z.int().min(0),
+  z.string().regex(/^(\d+h)?(\d+m)?(\d+s)?$/, 'must be seconds or a duration like "90s", "20m", "1h30m"').refine((s) => s !== '', 'must not be empty'),
+]);
+
+/** Seconds in a duration value as written in the config. */
+export function durationSeconds(d: number | string): number {
+  if (typeof d === 'number') return d;
+  const m = /^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$/.exec(d)!;
+  return Number(m[1] ?? 0) * 3600 + Number(m[2] ?? 0) * 60 + Number(m[3] ?? 0);
+}
+
+const sizeLabel = z.string().regex(/^[a-z][a-z0-9_-]{0,31}$/, 'size names are lower-case letters, digits, "_" or "-"');
+const sizeSchema = z.strictObject({ cpus: z.int().min(1).max(64), memory: z.int().min(128).max(262144), disk: z.int().min(1).max(2048) });
+
+const idlePolicy = {
+  idle_count: z.int().min(0).max(1000).optional(),
+  idle_count_min: z.int().min(0).max(1000).optional(),
+  idle_scale_factor: z.number().min(0).max(100).optional(),
+  idle_time: duration.optional(),
+};
+
+const periodSchema = z.strictObject({
+  /** Cron expressions; the period applies while the current time matches any of them. */
+  periods: z.array(z.string().min(1)).min(1),
+  timezone: z.string().default('UTC'),
+  ...idlePolicy,
+});
+
+const poolSchema = z.strictObject({
+  name: z.string().regex(/^[a-z0-9][a-z0-9._-]{0,62}$/, 'pool names are lower-case letters, digits, ".", "_" or "-"'),
+  image: imageName,
+  /** A size label (`small`, a [sizes.X] name, or `4cpu8gb50gb`); cpus/memory/disk override parts of it. */
+  size: z.string().default('small'),
+  cpus: z.int().min(1).max(64).optional(),
+  memory: z.int().min(128).max(262144).optional(),
+  disk: z.int().min(1).max(2048).optional(),
+  idle_count: z.int().min(0).max(1000).default(0),
+  idle_count_min: z.int().min(0).max(1000).default(0),
+  idle_scale_factor: z.number().min(0).max(100).default(0),
+  idle_time: duration.default(1200),
+  max_instances: z.int().min(1).max(10000).default(10),
+  max_use_count: z.int().min(1).max(100000).default(1),
+  max_growth_rate: z.int().min(1).max(100).default(1),
+  /** Longest a lease may run before its machine is killed (0: no limit). */
+  max_runtime: duration.default(0),
+  period: z.array(periodSchema).default([]),
+});
+
 function int(min: number, max: number, fallback: number) {
   return z.int().min(min).max(max).default(fallback);
 }
@@ -47,6 +97,24 @@ export const configSections = {
   log: section({
     level: z.enum(LOG_LEVELS).default('info'),
   }),
+  /** Named machine sizes; `small`, `medium` and `large` always exist and may be redefined. */
+  sizes: z.record(sizeLabel, sizeSchema).default({}),
+  /** Host capacity guard: the pool never starts machines beyond these. */
+  capacity: section({
+    cpu_overcommit: z.number().min(0.1).max(64).default(4), // total vCPUs <= host cores x this
+    memory_overcommit: z.number().min(0.1).max(16).default(1), // total guest MiB <= (host MiB - reserve) x this
+    memory_reserve: int(0, 1048576, 1024), // MiB kept for the host itself
+  }),
+  daemon: section({
+    socket: z.string().refine((p) => isAbsolute(p), 'must be an absolute path').default('/run/mayfly/mayfly.sock'),
+    socket_group: z.string().default(''), // group allowed to use the socket (mode 0660); empty: root only
+    listen: z.string().regex(/^$|^[^:\s]+:\d{1,5}$/, 'must be HOST:PORT, e.g. "127.0.0.1:8787"').default(''),
+    token_file: z.string().default(''), // bearer token for TCP clients; required when listen is set
+    reconcile_interval: int(1, 3600, 5), // seconds between autoscaler passes
+    reap_interval: int(5, 86400, 60), // seconds between reaper passes
+    delete_instances_on_shutdown: z.boolean().default(true),
+  }),
+  pool: z.array(poolSchema).default([]),
 };
 
 export const ConfigSchema = z.strictObject(configSections);

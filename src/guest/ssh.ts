@@ -42,8 +42,11 @@ export interface ExecResult {
   signal: string | null;
 }
 
+// Linux x86 numbers, for the 128+N exit status a shell would report.
 const signalNumbers: Record<string, number> = {
-  HUP: 1, INT: 2, QUIT: 3, ILL: 4, ABRT: 6, FPE: 8, KILL: 9, USR1: 10, SEGV: 11, USR2: 12, PIPE: 13, ALRM: 14, TERM: 15,
+  HUP: 1, INT: 2, QUIT: 3, ILL: 4, TRAP: 5, ABRT: 6, BUS: 7, FPE: 8, KILL: 9, USR1: 10, SEGV: 11, USR2: 12, PIPE: 13,
+  ALRM: 14, TERM: 15, STKFLT: 16, CHLD: 17, CONT: 18, STOP: 19, TSTP: 20, TTIN: 21, TTOU: 22, URG: 23, XCPU: 24,
+  XFSZ: 25, VTALRM: 26, PROF: 27, WINCH: 28, IO: 29, PWR: 30, SYS: 31,
 };
 
 /**
@@ -52,6 +55,12 @@ const signalNumbers: Record<string, number> = {
  */
 export function remoteCommand(argv: readonly string[], opts: { env?: Record<string, string>; cwd?: string } = {}): string {
   if (argv.length === 0) throw new MayflyError(ErrorCode.USAGE, 'no command given to run in the machine');
+  if (argv[0]!.includes('=')) {
+    // env would take it for a variable assignment, not a command.
+    throw new MayflyError(ErrorCode.USAGE, `'${argv[0]}' looks like a variable assignment, not a command`, {
+      hint: 'pass variables with -e NAME=VALUE, or run it through a shell: -- sh -c "NAME=VALUE command"',
+    });
+  }
   const env = Object.entries(opts.env ?? {});
   for (const [k] of env) {
     if (!isValidEnvName(k)) {
@@ -61,7 +70,7 @@ export function remoteCommand(argv: readonly string[], opts: { env?: Record<stri
     }
   }
   const assignments = env.map(([k, v]) => shellQuote(`${k}=${v}`));
-  // `env --` so that an argv[0] starting with '-' or holding '=' is still the command.
+  // `env --` so that an argv[0] starting with '-' is still the command.
   const run = `exec env -- ${assignments.length ? `${assignments.join(' ')} ` : ''}${shellJoin(argv)}`;
   return opts.cwd ? `cd -- ${shellQuote(opts.cwd)} && ${run}` : run;
 }
@@ -124,13 +133,21 @@ export class GuestChannel {
         client.end();
         if (mismatch) {
           reject(
-            new MayflyError(ErrorCode.GUEST_CHANNEL, `the SSH host key at ${ep.host}:${ep.port} is not the machine's`, {
+            new MayflyError(ErrorCode.HOST_KEY_MISMATCH, `the SSH host key at ${ep.host}:${ep.port} is not the machine's`, {
               hint: 'another process answers on that port; the connection was refused to stay safe',
             }),
           );
         } else {
           reject(e);
         }
+      });
+      // A peer that closes after the banner makes ssh2 emit 'close' with no 'error' (and drop its
+      // readyTimeout): without this the attempt would never settle.
+      client.once('close', () => {
+        if (settled) return;
+        settled = true;
+        signal?.removeEventListener('abort', onAbort);
+        reject(new Error('the connection closed during the SSH handshake'));
       });
       client.once('ready', () => {
         if (settled) return;
@@ -156,17 +173,22 @@ export class GuestChannel {
       opts.signal?.throwIfAborted();
       const dead = opts.alive?.();
       if (dead) throw new MayflyError(ErrorCode.MACHINE_START_FAILED, dead);
+      let ch: GuestChannel | undefined;
       try {
-        const ch = await GuestChannel.connectOnce(ep, Math.min(10_000, Math.max(1000, deadline - Date.now())), opts.signal);
+        ch = await GuestChannel.connectOnce(ep, Math.min(10_000, Math.max(1000, deadline - Date.now())), opts.signal);
         const r = await ch.exec(['true'], { signal: opts.signal });
         if (r.exitCode === 0) return ch;
-        ch.close();
         lastError = `'true' exited with ${r.exitCode}`;
       } catch (e) {
-        if (e instanceof MayflyError || opts.signal?.aborted) throw e;
+        // Anything else (sshd restarting during boot, a channel refused) is worth another try.
+        if (opts.signal?.aborted || (e instanceof MayflyError && e.code === ErrorCode.HOST_KEY_MISMATCH)) {
+          ch?.close();
+          throw e;
+        }
         lastError = errorText(e);
       }
-      await sleep(200, undefined, { signal: opts.signal });
+      ch?.close();
+      await sleep(200, undefined, { signal: opts.signal }).catch(() => opts.signal!.throwIfAborted());
     }
     throw new MayflyError(ErrorCode.BOOT_TIMEOUT, `the machine did not answer over SSH within ${Math.round(opts.timeoutMs / 1000)} s (last: ${lastError})`);
   }
@@ -207,6 +229,8 @@ export class GuestChannel {
           }
         };
         opts.signal?.addEventListener('abort', onAbort, { once: true });
+        // The signal may have fired while the channel was being opened.
+        if (opts.signal?.aborted) onAbort();
         channel.on('exit', (c: number | null, s?: string) => {
           code = c;
           // ssh2 reports signals as 'SIGKILL'; the protocol's own name is 'KILL'.
@@ -254,26 +278,32 @@ export class GuestChannel {
     return this.#sftp;
   }
 
-  async upload(localPath: string, remotePath: string, mode?: number): Promise<void> {
-    const sftp = await this.#sftpSession();
-    await new Promise<void>((resolve, reject) =>
-      sftp.fastPut(localPath, remotePath, mode === undefined ? {} : { mode }, (e) => (e ? reject(e) : resolve())),
+  /** Runs one SFTP operation, turning its failure into an error that names the file. */
+  async #sftpCall<T>(what: string, op: (sftp: SFTPWrapper, done: (e: Error | null | undefined, v?: T) => void) => void): Promise<T> {
+    try {
+      const sftp = await this.#sftpSession();
+      return await new Promise<T>((resolve, reject) => op(sftp, (e, v) => (e ? reject(e) : resolve(v as T))));
+    } catch (e) {
+      throw new MayflyError(ErrorCode.GUEST_CHANNEL, `${what} failed: ${errorText(e)}`, { cause: e });
+    }
+  }
+
+  upload(localPath: string, remotePath: string, mode?: number): Promise<void> {
+    return this.#sftpCall(`copying ${localPath} to the machine's ${remotePath}`, (sftp, done) =>
+      sftp.fastPut(localPath, remotePath, mode === undefined ? {} : { mode }, done),
     );
   }
 
-  async download(remotePath: string, localPath: string): Promise<void> {
-    const sftp = await this.#sftpSession();
-    await new Promise<void>((resolve, reject) => sftp.fastGet(remotePath, localPath, (e) => (e ? reject(e) : resolve())));
+  download(remotePath: string, localPath: string): Promise<void> {
+    return this.#sftpCall(`copying the machine's ${remotePath} to ${localPath}`, (sftp, done) => sftp.fastGet(remotePath, localPath, done));
   }
 
-  async writeFile(remotePath: string, data: string | Buffer, mode = 0o644): Promise<void> {
-    const sftp = await this.#sftpSession();
-    await new Promise<void>((resolve, reject) => sftp.writeFile(remotePath, data, { mode }, (e) => (e ? reject(e) : resolve())));
+  writeFile(remotePath: string, data: string | Buffer, mode = 0o644): Promise<void> {
+    return this.#sftpCall(`writing the machine's ${remotePath}`, (sftp, done) => sftp.writeFile(remotePath, data, { mode }, done));
   }
 
-  async readFile(remotePath: string): Promise<Buffer> {
-    const sftp = await this.#sftpSession();
-    return new Promise((resolve, reject) => sftp.readFile(remotePath, (e, d) => (e ? reject(e) : resolve(d))));
+  readFile(remotePath: string): Promise<Buffer> {
+    return this.#sftpCall(`reading the machine's ${remotePath}`, (sftp, done) => sftp.readFile(remotePath, done));
   }
 
   close(): void {

@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { createReadStream, existsSync, mkdirSync, readdirSync, rmSync, statSync, writeFileSync, appendFileSync } from 'node:fs';
+import { appendFileSync, createReadStream, existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ErrorCode, MayflyError } from '../errors.ts';
@@ -52,7 +52,7 @@ export async function buildImage(store: ImageStore, recipe: Recipe, opts: BuildO
   const out = join(work, 'out');
   mkdirSync(out);
   const buildLog = join(out, 'build.log');
-  const logLine = (l: string) => appendFileSync(buildLog, l + '\n');
+  const logLine = (l: string) => appendFileSync(buildLog, l + '\n', { mode: 0o600 });
   const started = Date.now();
   log.info({ recipe: recipe.name, source: recipe.source, work }, 'image build started');
 
@@ -70,14 +70,19 @@ export async function buildImage(store: ImageStore, recipe: Recipe, opts: BuildO
       rootfs,
       ...(recipe.mirror ? [recipe.mirror] : []),
     ];
-    logLine(`$ mmdebstrap ${args.join(' ')}`);
+    // A mirror URL may carry credentials; the log is kept with the image.
+    logLine(`$ mmdebstrap ${args.map((a) => a.replace(/\/\/[^/@\s]+@/, '//***@')).join(' ')}`);
     const r = await run('mmdebstrap', args, {
       signal: opts.signal,
+      // mmdebstrap runs apt in a chroot with /proc, /sys and /dev bind-mounted: cancelling must
+      // stop all of it and let mmdebstrap unmount before anything is removed.
+      processGroup: true,
       onLine: (l) => {
         logLine(l);
         if (/^(I|W|E): /.test(l)) progress.detail(l.slice(3));
       },
     });
+    opts.signal?.throwIfAborted();
     if (r.code !== 0) {
       throw new MayflyError(
         ErrorCode.IMAGE_BUILD_FAILED,
@@ -132,7 +137,7 @@ export async function buildImage(store: ImageStore, recipe: Recipe, opts: BuildO
       identity: 'fw_cfg',
       user: 'ci',
     });
-    rmSync(work, { recursive: true, force: true });
+    await removeBuildDir(work);
     progress.done(`built ${image.name}:${image.version} ${image.id.slice(0, 19)}`);
     log.info({ image: image.name, version: image.version, id: image.id }, 'image build finished');
     return image;
@@ -149,8 +154,30 @@ export async function buildImage(store: ImageStore, recipe: Recipe, opts: BuildO
     }
     throw e;
   } finally {
-    rmSync(work, { recursive: true, force: true });
+    await removeBuildDir(work);
   }
+}
+
+/**
+ * Removes a build's scratch dir, first unmounting anything still mounted under it (a killed
+ * mmdebstrap can leave the host's /proc, /sys, /dev bound into the rootfs). A recursive delete
+ * through such a mount would delete host files, so nothing is deleted while one remains.
+ */
+async function removeBuildDir(dir: string): Promise<void> {
+  const mountsUnder = () =>
+    readFileSync('/proc/self/mountinfo', 'utf8')
+      .split('\n')
+      .map((l) => l.split(' ')[4]?.replace(/\\040/g, ' '))
+      .filter((mp): mp is string => mp !== undefined && mp.startsWith(dir + '/'))
+      .sort((a, b) => b.length - a.length);
+  for (const mp of mountsUnder()) await run('umount', ['-l', mp]);
+  const left = mountsUnder();
+  if (left.length > 0) {
+    throw new MayflyError(ErrorCode.IMAGE_BUILD_FAILED, `the build dir ${dir} still has mounts (${left.join(', ')}); not removing it`, {
+      hint: `unmount them (umount -R ${dir}/rootfs) and remove ${dir} by hand`,
+    });
+  }
+  rmSync(dir, { recursive: true, force: true });
 }
 
 /** mmdebstrap customize hooks: mayfly's guest setup, the recipe's commands and playbook, then mayfly's finalize step. */

@@ -34,6 +34,11 @@ export async function importImage(store: ImageStore, req: ImportRequest): Promis
   for (const [what, p] of [['disk', req.disk], ['kernel', req.kernel], ['initrd', req.initrd]] as const) {
     if (p !== undefined && !existsSync(p)) throw new MayflyError(ErrorCode.IMAGE_IMPORT_FAILED, `the ${what} file ${p} does not exist`);
   }
+  if (req.user !== undefined && !/^[a-z_][a-z0-9_-]{0,31}$/.test(req.user)) {
+    throw new MayflyError(ErrorCode.USAGE, `'${req.user}' is not a valid user name`, {
+      hint: 'use lower-case letters, digits, "_" and "-", starting with a letter or "_" (at most 32)',
+    });
+  }
   if (Boolean(req.kernel) !== Boolean(req.initrd)) {
     throw new MayflyError(ErrorCode.USAGE, 'give both --kernel and --initrd, or neither (to boot the disk through firmware)');
   }

@@ -1,5 +1,4 @@
 import { rmSync } from 'node:fs';
-import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import type { Config } from '../config/index.ts';
 import { QemuDriver, type Driver, type MachineSize } from '../drivers/index.ts';
@@ -9,6 +8,7 @@ import type { Logger } from '../log.ts';
 import { StateStore, type InstanceRecord } from '../state/index.ts';
 import { qcow2Overlay, type StorageBackend } from '../storage/index.ts';
 import { Machine, type MachineDeps } from './machine.ts';
+import { checkSize, hostLimits } from './sizes.ts';
 
 export { Machine } from './machine.ts';
 
@@ -39,6 +39,12 @@ export class Engine {
   readonly storage: StorageBackend;
 
   constructor(opts: { dataDir: string; config: Config; log: Logger }) {
+    if (opts.dataDir.includes(',')) {
+      // QEMU splits option values at commas; a path with one would break (or inject) options.
+      throw new MayflyError(ErrorCode.USAGE, `the data dir ${opts.dataDir} contains a ',', which QEMU's option syntax cannot take`, {
+        hint: 'choose a data dir path without commas (--data-dir or MAYFLY_DATA_DIR)',
+      });
+    }
     this.dataDir = opts.dataDir;
     this.config = opts.config;
     this.log = opts.log;
@@ -61,13 +67,7 @@ export class Engine {
   resolveSize(partial: Partial<MachineSize> = {}): MachineSize {
     const d = this.config.defaults;
     const size = { cpus: partial.cpus ?? d.cpus, memoryMiB: partial.memoryMiB ?? d.memory, diskGiB: partial.diskGiB ?? d.disk };
-    const hostCpus = availableParallelism();
-    if (size.cpus > hostCpus) {
-      throw new MayflyError(ErrorCode.SIZE_INVALID, `${size.cpus} CPUs asked for, but this host has ${hostCpus}`, {
-        hint: `ask for --cpus ${hostCpus} or fewer`,
-      });
-    }
-    return size;
+    return checkSize(size, hostLimits(this.config.capacity.memory_reserve));
   }
 
   #machineDeps(): MachineDeps {
@@ -90,7 +90,12 @@ export class Engine {
       'starting a fresh machine',
     );
     const machine = await Machine.create(this.#machineDeps(), { image, size, owner: req.owner, signal: req.signal });
-    machine.setOwner(req.owner);
+    try {
+      machine.setOwner(req.owner);
+    } catch (e) {
+      await machine.destroy();
+      throw e;
+    }
     return { machine, release: () => machine.destroy() };
   }
 

@@ -1,4 +1,4 @@
-import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Driver, MachineSize, StartedMachine } from '../drivers/types.ts';
 import { ErrorCode, MayflyError, errorText } from '../errors.ts';
@@ -22,6 +22,9 @@ export interface MachineDeps {
   bootRetries: number;
 }
 
+// Machines this process started and has not destroyed, for a last-resort kill on exit.
+const live = new Set<Machine>();
+
 export class Machine {
   readonly id: string;
   readonly image: Image;
@@ -35,7 +38,7 @@ export class Machine {
   #privateKey = '';
   #hostKey = '';
   #rootChannel: GuestChannel | undefined;
-  #destroyed = false;
+  #destroying: Promise<void> | undefined;
 
   private constructor(deps: MachineDeps, id: string, image: Image, size: MachineSize) {
     this.#deps = deps;
@@ -54,15 +57,16 @@ export class Machine {
     const wantBytes = size.diskGiB * 1024 ** 3;
     if (wantBytes < image.diskVirtualBytes) throw diskTooSmall(wantBytes, image.diskVirtualBytes, `${image.name}:${image.version}`);
     const m = new Machine(deps, newId('vm'), image, size);
+    live.add(m);
     const t0 = Date.now();
-    mkdirSync(m.dir, { recursive: true, mode: 0o700 });
-    deps.state.insertInstance({
-      id: m.id, driver: deps.driver.name, imageName: image.name, imageVersion: image.version, imageId: image.id,
-      state: 'creating', createdAt: t0, updatedAt: t0, pid: null, dir: m.dir, disks: [join(m.dir, 'disk.qcow2')],
-      consoleLog: join(m.dir, 'console.log'), sshPort: null, cpus: size.cpus, memoryMiB: size.memoryMiB,
-      diskGiB: size.diskGiB, accel: null, owner: req.owner ?? null,
-    });
     try {
+      mkdirSync(m.dir, { recursive: true, mode: 0o700 });
+      deps.state.insertInstance({
+        id: m.id, driver: deps.driver.name, imageName: image.name, imageVersion: image.version, imageId: image.id,
+        state: 'creating', createdAt: t0, updatedAt: t0, pid: null, dir: m.dir, disks: [join(m.dir, 'disk.qcow2')],
+        consoleLog: join(m.dir, 'console.log'), sshPort: null, cpus: size.cpus, memoryMiB: size.memoryMiB,
+        diskGiB: size.diskGiB, accel: null, owner: req.owner ?? null,
+      });
       await m.#boot(req.signal);
       m.readyAfterMs = Date.now() - t0;
       deps.state.updateInstance(m.id, { state: 'ready' });
@@ -150,22 +154,61 @@ export class Machine {
     this.#deps.state.updateInstance(this.id, { owner, state });
   }
 
+  /**
+   * Synchronous last resort (a second Ctrl-C): SIGKILL every machine this process started and
+   * remove its files. The state rows stay; `mayfly ps` shows them as gone, `mayfly rm` clears them.
+   */
+  static killAllNow(): void {
+    for (const m of live) {
+      const pid = m.started?.pid;
+      try {
+        if (pid && readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(m.dir)) process.kill(pid, 'SIGKILL');
+      } catch {
+        // already gone
+      }
+      rmSync(m.dir, { recursive: true, force: true });
+    }
+    live.clear();
+  }
+
   /** Closes mayfly's connections but leaves the machine running (run --keep). */
   disconnect(): void {
+    live.delete(this);
+    this.#closeChannels();
+  }
+
+  #closeChannels(): void {
     this.guest?.close();
     this.#rootChannel?.close();
   }
 
   /** Stops the machine and removes its clone, keys, sockets and record. Safe to call twice. */
-  async destroy(): Promise<void> {
-    if (this.#destroyed) return;
-    this.#destroyed = true;
+  destroy(): Promise<void> {
+    // One destroy at a time; a failed one may be tried again.
+    this.#destroying ??= this.#destroy().catch((e: unknown) => {
+      this.#destroying = undefined;
+      throw e;
+    });
+    return this.#destroying;
+  }
+
+  async #destroy(): Promise<void> {
     const d = this.#deps;
-    d.state.updateInstance(this.id, { state: 'destroying' });
-    this.disconnect();
+    // The process and the files go first: a state store that is busy must not keep a VM alive.
+    this.#noteState(() => d.state.updateInstance(this.id, { state: 'destroying' }));
+    this.#closeChannels();
     await d.driver.stop(this.started?.pid ?? null, this.dir);
     rmSync(this.dir, { recursive: true, force: true });
-    d.state.deleteInstance(this.id);
+    live.delete(this);
+    this.#noteState(() => d.state.deleteInstance(this.id));
     d.log.debug({ instance: this.id }, 'machine destroyed');
+  }
+
+  #noteState(write: () => void): void {
+    try {
+      write();
+    } catch (e) {
+      this.#deps.log.error({ instance: this.id, err: errorText(e) }, 'could not record the machine in the state store');
+    }
   }
 }

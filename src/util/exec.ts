@@ -15,16 +15,40 @@ export interface RunOptions {
   input?: string | Buffer;
   /** Called with each line of stdout+stderr as it arrives (progress, logs). */
   onLine?: (line: string) => void;
-  /** Kill the command when this fires. */
+  /** Stop the command when this fires (the result then comes once it has exited). */
   signal?: AbortSignal;
+  /**
+   * Run it in its own process group and stop the whole group on abort (SIGTERM, SIGKILL after
+   * 10 s), for tools that start children of their own.
+   */
+  processGroup?: boolean;
 }
 
 /** Runs a host command, collecting output. Never throws for a non-zero exit; see `runChecked`. */
 export function run(cmd: string, args: readonly string[], opts: RunOptions = {}): Promise<RunResult> {
   return new Promise((resolve, reject) => {
-    const spawnOpts: SpawnOptions = { cwd: opts.cwd, env: opts.env ?? process.env, stdio: ['pipe', 'pipe', 'pipe'] };
-    if (opts.signal) spawnOpts.signal = opts.signal;
+    const spawnOpts: SpawnOptions = {
+      cwd: opts.cwd,
+      env: opts.env ?? process.env,
+      stdio: ['pipe', 'pipe', 'pipe'],
+      detached: Boolean(opts.processGroup),
+    };
     const child = spawn(cmd, args, spawnOpts);
+    let killTimer: NodeJS.Timeout | undefined;
+    const onAbort = () => {
+      const kill = (sig: NodeJS.Signals) => {
+        try {
+          if (opts.processGroup && child.pid) process.kill(-child.pid, sig);
+          else child.kill(sig);
+        } catch {
+          // already gone
+        }
+      };
+      kill('SIGTERM');
+      killTimer = setTimeout(() => kill('SIGKILL'), 10_000);
+    };
+    if (opts.signal?.aborted) onAbort();
+    else opts.signal?.addEventListener('abort', onAbort, { once: true });
     const out: Buffer[] = [];
     const err: Buffer[] = [];
     let partial = '';
@@ -42,6 +66,8 @@ export function run(cmd: string, args: readonly string[], opts: RunOptions = {})
       else reject(e);
     });
     child.on('close', (code, signal) => {
+      opts.signal?.removeEventListener('abort', onAbort);
+      if (killTimer) clearTimeout(killTimer);
       if (partial && opts.onLine) opts.onLine(partial);
       resolve({
         code: code ?? (signal ? 128 + signalNumber(signal) : 1),

@@ -139,6 +139,14 @@ describe('mayfly exec', { timeout: 900_000 }, () => {
       assert.notEqual(notRepo.code, 0);
       assert.match(notRepo.stderr, /is not inside a git repository/);
 
+      writeFileSync(join(bad, 'secret.yml'), 'creds:\n  token: s3cr3t\n');
+      mkdirSync(join(bad, 'repo'));
+      execFileSync('git', ['-C', join(bad, 'repo'), 'init', '-q']);
+      writeFileSync(join(bad, 'repo', '.gitlab-ci.yml'), 'include:\n  - local: ../secret.yml\njob:\n  script: [true]\n');
+      const escape = await mayfly(['exec', 'job'], { cwd: join(bad, 'repo') });
+      assert.notEqual(escape.code, 0);
+      assert.match(escape.stderr, /include: local file '\.\.\/secret\.yml' is outside the repository/);
+
       const badVar = await mayfly(['exec', 'job', '--var', 'NOT-VALID=1'], { cwd: noGit });
       assert.equal(badVar.code, 2);
       assert.match(badVar.stderr, /'NOT-VALID' is not a valid variable name/);

@@ -1,8 +1,8 @@
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { ensureImage, instanceDirs, mayfly, testDataDir } from '../helpers/env.ts';
+import { collect, ensureImage, instanceDirs, mayfly, processesMentioning, startMayfly, testDataDir, waitFor } from '../helpers/env.ts';
 
 // Images: the default one (built once for all integration tests) and a custom recipe whose
 // commands must end up inside the machine.
@@ -65,6 +65,24 @@ describe('mayfly image', { timeout: 900_000 }, () => {
     const gone = await mayfly(['image', 'inspect', 'test-marker']);
     assert.equal(gone.code, 2);
     assert.match(gone.stderr, /no image 'test-marker'/);
+  });
+
+  test('cancelling a build stops mmdebstrap, unmounts and removes everything', async () => {
+    const recipe = join(tmp, 'cancelled.toml');
+    writeFileSync(recipe, 'name = "test-cancelled"\n');
+    const child = startMayfly(['image', 'build', recipe]);
+    const result = collect(child);
+    const scratch = join(testDataDir(), 'images', '.tmp');
+    const mountsUnder = (dir: string) => readFileSync('/proc/self/mountinfo', 'utf8').split('\n').filter((l) => l.split(' ')[4]?.startsWith(dir));
+    // Cancel while apt runs in the chroot, with the host's /proc, /sys and /dev bound into it.
+    await waitFor(() => mountsUnder(scratch).length > 0, 120_000, 'mmdebstrap to mount into its chroot');
+    child.kill('SIGTERM');
+    const r = await result;
+    assert.equal(r.code, 143, r.stderr);
+    assert.deepEqual(mountsUnder(testDataDir()), [], 'no mount is left');
+    assert.deepEqual(readdirSync(scratch).filter((d) => d.startsWith('build-')), [], 'no build dir is left');
+    assert.deepEqual(processesMentioning(scratch), [], 'no mmdebstrap or apt process is left');
+    assert.equal(existsSync(join(testDataDir(), 'images', 'test-cancelled')), false);
   });
 
   test('bad recipes and references fail with the file, the line and the reason', async () => {

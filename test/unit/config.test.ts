@@ -19,13 +19,23 @@ function writeFile(name: string, text: string): string {
   return path;
 }
 
-/** Runs `fn`, which must throw a MayflyError; returns it for exact checks. */
-
 const DEFAULTS: Config = {
   defaults: { image: 'debian-12', cpus: 2, memory: 1024, disk: 4 },
   qemu: { binary: 'qemu-system-x86_64', accel: 'auto', boot_timeout: 120, boot_retries: 1, tcg_tb_size: 64 },
   images: { recipe_dirs: [], keep_versions: 3 },
   log: { level: 'info' },
+  sizes: {},
+  capacity: { cpu_overcommit: 4, memory_overcommit: 1, memory_reserve: 1024 },
+  daemon: {
+    socket: '/run/mayfly/mayfly.sock',
+    socket_group: '',
+    listen: '',
+    token_file: '',
+    reconcile_interval: 5,
+    reap_interval: 60,
+    delete_instances_on_shutdown: true,
+  },
+  pool: [],
 };
 
 // A schema with an array of tables and a required key, which the main config has neither of.
@@ -84,6 +94,7 @@ level = "debug"
 `,
     );
     assert.deepEqual(loadConfig(path), {
+      ...DEFAULTS,
       defaults: { image: 'alpine-3.20', cpus: 8, memory: 1024, disk: 4 },
       qemu: { binary: 'qemu-system-x86_64', accel: 'tcg', boot_timeout: 300, boot_retries: 1, tcg_tb_size: 64 },
       images: { recipe_dirs: ['/srv/recipes', '/opt/more'], keep_versions: 3 },
@@ -125,7 +136,10 @@ describe('config validation messages', () => {
   });
 
   test('unknown table header at top level', () => {
-    assert.equal(check('[log]\nlevel = "info"\n\n[daemon]\nport = 1\n'), "c.toml:4: daemon: unknown key 'daemon' (valid keys here: defaults, qemu, images, log)");
+    assert.equal(
+      check('[log]\nlevel = "info"\n\n[server]\nport = 1\n'),
+      "c.toml:4: server: unknown key 'server' (valid keys here: defaults, qemu, images, log, sizes, capacity, daemon, pool)",
+    );
   });
 
   test('unknown key inside a table suggests the closest known key', () => {

@@ -87,6 +87,6 @@ async function probeKvm(qemu: string, kernel: string, initrd: string): Promise<A
   if (r.code === 0 && /Kernel panic/.test(r.stdout)) {
     return { accel: 'kvm', reason: `a KVM probe boot reached the kernel's init stage in ${secs} s` };
   }
-  const why = r.code === 137 ? 'the guest hung' : (r.stderr.trim().split('\n')[0] ?? `exit ${r.code}`);
+  const why = r.code === 137 ? 'the guest hung' : r.stderr.trim().split('\n')[0] || `QEMU exited with ${r.code}`;
   return { accel: 'tcg', reason: `/dev/kvm exists but a KVM probe boot failed (${why}); using TCG software emulation` };
 }

@@ -1,6 +1,6 @@
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, realpathSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { basename, dirname, join, relative, resolve } from 'node:path';
+import { basename, dirname, join, relative, resolve, sep } from 'node:path';
 import { spawn } from 'node:child_process';
 import { PassThrough } from 'node:stream';
 import type { MachineSize } from '../../drivers/index.ts';
@@ -54,7 +54,7 @@ export async function prepareJob(req: { job: string; file: string }): Promise<Pr
   }
   const repo = await gitRepo(dirname(file));
   const ci = parseCiFile(readFileSync(file, 'utf8'), relative(process.cwd(), file) || basename(file), {
-    readLocal: (p) => readFileSync(join(repo.root, p), 'utf8'),
+    readLocal: (p) => readFileSync(insideRepo(repo.root, p), 'utf8'),
   });
   const job = resolveJob(ci, req.job);
   const jobConfig = ci.config[req.job] as { stage?: unknown } | undefined;
@@ -64,6 +64,26 @@ export async function prepareJob(req: { job: string; file: string }): Promise<Pr
     warnings.push(`job "${job.name}" uses keywords mayfly exec does not run: ${job.ignoredKeywords.join(', ')}`);
   }
   return { job, repo, stage, warnings };
+}
+
+/**
+ * A local include's real path, refused when it leaves the repository (`../`, or a symlink out):
+ * mayfly runs as root and a CI file is not trusted to read the host's files.
+ */
+function insideRepo(root: string, path: string): string {
+  const realRoot = realpathSync(root);
+  let real: string;
+  try {
+    real = realpathSync(resolve(realRoot, path));
+  } catch {
+    throw new MayflyError(ErrorCode.CI_FILE_INVALID, `include: local file '${path}' does not exist in the repository`);
+  }
+  if (real !== realRoot && !real.startsWith(realRoot + sep)) {
+    throw new MayflyError(ErrorCode.CI_FILE_INVALID, `include: local file '${path}' is outside the repository`, {
+      hint: 'local includes must name files inside the repository, as in GitLab',
+    });
+  }
+  return real;
 }
 
 async function gitRepo(dir: string): Promise<Repo> {
@@ -179,7 +199,8 @@ function pickImage(engine: Engine, jobImage: string | undefined, override: strin
   try {
     const img = engine.images.resolve(jobImage);
     return `${img.name}:${img.version}`;
-  } catch {
+  } catch (e) {
+    if (!(e instanceof MayflyError && e.code === ErrorCode.IMAGE_NOT_FOUND)) throw e;
     say(`note: the job's image "${jobImage}" is not a mayfly image; using ${fallback} (choose one with --image)`);
     return fallback;
   }
@@ -199,16 +220,31 @@ async function copyWorkingTree(root: string, guest: GuestChannel, dest: string, 
     const tar = spawn('tar', ['-C', root, '--null', '-T', list, '-cf', '-'], { stdio: ['ignore', 'pipe', 'pipe'] });
     const tarErr: Buffer[] = [];
     tar.stderr.on('data', (c: Buffer) => tarErr.push(c));
-    const tarDone = new Promise<number>((res) => tar.on('close', (c) => res(c ?? 1)));
+    const tarDone = new Promise<number>((res) => {
+      tar.on('error', (e) => {
+        tarErr.push(Buffer.from(e.message));
+        res(127);
+      });
+      tar.on('close', (c) => res(c ?? 1));
+    });
     const unpackErr: Buffer[] = [];
     // Held in a PassThrough from the start: Node drains an unread child stdout when the child
     // exits, which a small tree's tar does before the remote command is ready to read it.
     const archive = tar.stdout.pipe(new PassThrough({ highWaterMark: 4 << 20 }));
-    const r = await guest.execRaw(`mkdir -p ${shellQuote(dest)} && tar -x -C ${shellQuote(dest)} -f -`, {
-      stdin: archive,
-      stderr: (c) => unpackErr.push(c),
-      signal,
-    });
+    let r: { exitCode: number };
+    try {
+      r = await guest.execRaw(`mkdir -p ${shellQuote(dest)} && tar -x -C ${shellQuote(dest)} -f -`, {
+        stdin: archive,
+        stderr: (c) => unpackErr.push(c),
+        signal,
+      });
+    } finally {
+      // If the unpacking side stopped early nobody reads the archive any more: the local tar
+      // would block on a full pipe forever.
+      tar.stdout.unpipe();
+      archive.destroy();
+      if (tar.exitCode === null && tar.signalCode === null) tar.kill('SIGKILL');
+    }
     const tarCode = await tarDone;
     if (tarCode !== 0 || r.exitCode !== 0) {
       const why = Buffer.concat([...tarErr, ...unpackErr]).toString().trim();
