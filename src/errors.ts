@@ -41,6 +41,10 @@ export const ErrorCode = {
   CI_JOB_NOT_FOUND: 'MAYFLY_ERR_CI_JOB_NOT_FOUND',
   NOT_A_GIT_REPO: 'MAYFLY_ERR_NOT_A_GIT_REPO',
   STATE: 'MAYFLY_ERR_STATE',
+  POOL_TIMEOUT: 'MAYFLY_ERR_POOL_TIMEOUT',
+  LEASE_NOT_FOUND: 'MAYFLY_ERR_LEASE_NOT_FOUND',
+  SHUTTING_DOWN: 'MAYFLY_ERR_SHUTTING_DOWN',
+  DAEMON: 'MAYFLY_ERR_DAEMON',
 } as const;
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
 
@@ -49,6 +53,7 @@ const inputErrors: ReadonlySet<string> = new Set<string>([
   ErrorCode.CONFIG_NOT_FOUND, ErrorCode.CONFIG_PARSE, ErrorCode.CONFIG_INVALID, ErrorCode.USAGE, ErrorCode.IMAGE_NOT_FOUND,
   ErrorCode.IMAGE_IN_USE, ErrorCode.RECIPE_INVALID, ErrorCode.SIZE_INVALID, ErrorCode.INSTANCE_NOT_FOUND,
   ErrorCode.CI_FILE_NOT_FOUND, ErrorCode.CI_FILE_INVALID, ErrorCode.CI_JOB_NOT_FOUND, ErrorCode.NOT_A_GIT_REPO,
+  ErrorCode.LEASE_NOT_FOUND,
 ]);
 
 export function isMayflyError(e: unknown): e is MayflyError {

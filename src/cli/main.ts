@@ -4,6 +4,7 @@ import { EXIT_USAGE, reportError } from './report.ts';
 import { isValidEnvName } from '../util/shell.ts';
 import { version } from '../version.ts';
 import { createContext, defaultDataDir, type Context, type GlobalOptions } from './context.ts';
+import { registerDaemon } from './commands/daemon.ts';
 import { registerExec } from './commands/exec.ts';
 import { registerImage } from './commands/image.ts';
 import { registerLicenses } from './commands/licenses.ts';
@@ -27,6 +28,7 @@ export function buildProgram(): Command {
   registerMachines(program, context);
   registerExec(program, context);
   registerImage(program, context);
+  registerDaemon(program, context);
   registerLicenses(program);
   program.hook('postAction', () => ctx?.close());
   return program;

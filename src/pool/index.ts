@@ -70,7 +70,7 @@ export class Engine {
     return checkSize(size, hostLimits(this.config.capacity.memory_reserve));
   }
 
-  #machineDeps(): MachineDeps {
+  machineDeps(): MachineDeps {
     return {
       instancesDir: this.instancesDir,
       state: this.state,
@@ -89,7 +89,7 @@ export class Engine {
       { image: `${image.name}:${image.version}`, cpus: size.cpus, memory: size.memoryMiB, disk: size.diskGiB },
       'starting a fresh machine',
     );
-    const machine = await Machine.create(this.#machineDeps(), { image, size, owner: req.owner, signal: req.signal });
+    const machine = await Machine.create(this.machineDeps(), { image, size, owner: req.owner, signal: req.signal });
     try {
       machine.setOwner(req.owner);
     } catch (e) {

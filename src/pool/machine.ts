@@ -51,7 +51,7 @@ export class Machine {
   /** Creates and boots a machine, returning once it runs commands. Cleans up after itself on failure. */
   static async create(
     deps: MachineDeps,
-    req: { image: Image; size: MachineSize; owner?: string; signal?: AbortSignal },
+    req: { image: Image; size: MachineSize; owner?: string; pool?: string; signal?: AbortSignal },
   ): Promise<Machine> {
     const { image, size } = req;
     const wantBytes = size.diskGiB * 1024 ** 3;
@@ -60,13 +60,14 @@ export class Machine {
     live.add(m);
     const t0 = Date.now();
     try {
-      mkdirSync(m.dir, { recursive: true, mode: 0o700 });
+      // The record first: a reaper must never find this dir without a record that explains it.
       deps.state.insertInstance({
         id: m.id, driver: deps.driver.name, imageName: image.name, imageVersion: image.version, imageId: image.id,
         state: 'creating', createdAt: t0, updatedAt: t0, pid: null, dir: m.dir, disks: [join(m.dir, 'disk.qcow2')],
         consoleLog: join(m.dir, 'console.log'), sshPort: null, cpus: size.cpus, memoryMiB: size.memoryMiB,
-        diskGiB: size.diskGiB, accel: null, owner: req.owner ?? null,
+        diskGiB: size.diskGiB, accel: null, owner: req.owner ?? null, holderPid: process.pid, pool: req.pool ?? null,
       });
+      mkdirSync(m.dir, { recursive: true, mode: 0o700 });
       await m.#boot(req.signal);
       m.readyAfterMs = Date.now() - t0;
       deps.state.updateInstance(m.id, { state: 'ready' });
@@ -152,6 +153,22 @@ export class Machine {
   /** Marks who uses the machine (shown by `ps`). */
   setOwner(owner: string, state: 'leased' | 'ready' = 'leased'): void {
     this.#deps.state.updateInstance(this.id, { owner, state });
+  }
+
+  /** undefined while the machine's process runs; why it is gone otherwise. */
+  deadReason(): string | undefined {
+    return this.started ? this.#deps.driver.deadReason(this.started.pid, this.dir) : 'the machine never started';
+  }
+
+  /** Leaves the machine running after this process exits (run --keep); the reaper spares it. */
+  keep(): void {
+    this.#deps.state.updateInstance(this.id, { state: 'kept', holderPid: null });
+    this.disconnect();
+  }
+
+  /** Ids of the machines this process manages right now (creating, ready, leased). */
+  static liveIds(): Set<string> {
+    return new Set([...live].map((m) => m.id));
   }
 
   /**

@@ -6,7 +6,7 @@ import { ErrorCode, MayflyError, errorText } from '../errors.ts';
 // The state store: what mayfly believes exists on this host. SQLite through node:sqlite (no
 // native addon), WAL so several mayfly processes (a run, a ps, later the daemon) share it.
 
-export type InstanceState = 'creating' | 'booting' | 'ready' | 'leased' | 'destroying' | 'gone' | 'failed';
+export type InstanceState = 'creating' | 'booting' | 'ready' | 'leased' | 'kept' | 'destroying' | 'gone' | 'failed';
 
 export interface InstanceRecord {
   id: string;
@@ -28,6 +28,20 @@ export interface InstanceRecord {
   accel: string | null;
   /** Who holds it (a command, a job id); free text for `ps`. */
   owner: string | null;
+  /** The mayfly process that manages it; the reaper removes machines whose manager is gone. */
+  holderPid: number | null;
+  /** The pool it belongs to, if any. */
+  pool: string | null;
+}
+
+export interface EventRecord {
+  id: number;
+  at: number;
+  type: string;
+  pool: string | null;
+  instance: string | null;
+  lease: string | null;
+  data: Record<string, unknown>;
 }
 
 const migrations: string[] = [
@@ -51,7 +65,22 @@ const migrations: string[] = [
      accel TEXT,
      owner TEXT
    )`,
+  `ALTER TABLE instances ADD COLUMN holder_pid INTEGER;
+   ALTER TABLE instances ADD COLUMN pool TEXT;
+   CREATE TABLE events (
+     id INTEGER PRIMARY KEY AUTOINCREMENT,
+     at INTEGER NOT NULL,
+     type TEXT NOT NULL,
+     pool TEXT,
+     instance TEXT,
+     lease TEXT,
+     data TEXT NOT NULL
+   );
+   CREATE INDEX events_at ON events (at);`,
 ];
+
+/** The schema version a store has once opened (SQLite's user_version). */
+export const schemaVersion = migrations.length;
 
 type Row = Record<string, string | number | null>;
 
@@ -75,6 +104,8 @@ function toRecord(r: Row): InstanceRecord {
     diskGiB: Number(r.disk_gib),
     accel: r.accel === null ? null : String(r.accel),
     owner: r.owner === null ? null : String(r.owner),
+    holderPid: r.holder_pid === null || r.holder_pid === undefined ? null : Number(r.holder_pid),
+    pool: r.pool === null || r.pool === undefined ? null : String(r.pool),
   };
 }
 
@@ -122,18 +153,18 @@ export class StateStore {
     this.#db
       .prepare(
         `INSERT INTO instances (id, driver, image_name, image_version, image_id, state, created_at, updated_at, pid, dir,
-           disks, console_log, ssh_port, cpus, memory_mib, disk_gib, accel, owner)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+           disks, console_log, ssh_port, cpus, memory_mib, disk_gib, accel, owner, holder_pid, pool)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
       )
       .run(
         rec.id, rec.driver, rec.imageName, rec.imageVersion, rec.imageId, rec.state, rec.createdAt, rec.updatedAt,
         rec.pid, rec.dir, JSON.stringify(rec.disks), rec.consoleLog, rec.sshPort, rec.cpus, rec.memoryMiB,
-        rec.diskGiB, rec.accel, rec.owner,
+        rec.diskGiB, rec.accel, rec.owner, rec.holderPid, rec.pool,
       );
   }
 
-  updateInstance(id: string, patch: Partial<Pick<InstanceRecord, 'state' | 'pid' | 'sshPort' | 'accel' | 'owner'>>): void {
-    const cols: Record<string, string> = { state: 'state', pid: 'pid', sshPort: 'ssh_port', accel: 'accel', owner: 'owner' };
+  updateInstance(id: string, patch: Partial<Pick<InstanceRecord, 'state' | 'pid' | 'sshPort' | 'accel' | 'owner' | 'holderPid'>>): void {
+    const cols: Record<string, string> = { state: 'state', pid: 'pid', sshPort: 'ssh_port', accel: 'accel', owner: 'owner', holderPid: 'holder_pid' };
     const sets: string[] = ['updated_at = ?'];
     const values: (string | number | null)[] = [Date.now()];
     for (const [k, v] of Object.entries(patch)) {
@@ -160,6 +191,27 @@ export class StateStore {
 
   instancesUsingImage(name: string, version?: number): InstanceRecord[] {
     return this.listInstances().filter((i) => i.imageName === name && (version === undefined || i.imageVersion === version));
+  }
+
+  addEvent(e: Omit<EventRecord, 'id'>): number {
+    const r = this.#db
+      .prepare('INSERT INTO events (at, type, pool, instance, lease, data) VALUES (?, ?, ?, ?, ?, ?)')
+      .run(e.at, e.type, e.pool, e.instance, e.lease, JSON.stringify(e.data));
+    return Number(r.lastInsertRowid);
+  }
+
+  /** Events after `afterId`, oldest first. */
+  events(afterId = 0, limit = 1000): EventRecord[] {
+    const rows = this.#db.prepare('SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?').all(afterId, limit) as Row[];
+    return rows.map((r) => ({
+      id: Number(r.id),
+      at: Number(r.at),
+      type: String(r.type),
+      pool: r.pool === null ? null : String(r.pool),
+      instance: r.instance === null ? null : String(r.instance),
+      lease: r.lease === null ? null : String(r.lease),
+      data: JSON.parse(String(r.data)) as Record<string, unknown>,
+    }));
   }
 
   close(): void {

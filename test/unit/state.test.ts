@@ -7,7 +7,7 @@ import { pathToFileURL } from 'node:url';
 import { DatabaseSync } from 'node:sqlite';
 import { after, describe, test } from 'node:test';
 import { ErrorCode, MayflyError } from '../../src/errors.ts';
-import { StateStore, type InstanceRecord } from '../../src/state/index.ts';
+import { StateStore, schemaVersion, type InstanceRecord } from '../../src/state/index.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'mayfly-state-test-'));
 after(() => rmSync(dir, { recursive: true, force: true }));
@@ -39,6 +39,8 @@ function record(id: string, over: Partial<InstanceRecord> = {}): InstanceRecord 
     diskGiB: 4,
     accel: null,
     owner: null,
+    holderPid: 4242,
+    pool: null,
     ...over,
   };
 }
@@ -197,14 +199,14 @@ describe('StateStore', () => {
     const first = new StateStore(path);
     first.insertInstance(record('keep'));
     first.close();
-    assert.equal(userVersion(path), 1);
+    assert.equal(userVersion(path), schemaVersion);
 
     for (let i = 0; i < 3; i++) {
       const s = new StateStore(path); // would throw "table instances already exists" if re-migrated
       assert.deepEqual(s.getInstance('keep'), record('keep'));
       assert.equal(s.listInstances().length, 1);
       s.close();
-      assert.equal(userVersion(path), 1);
+      assert.equal(userVersion(path), schemaVersion);
     }
   });
 
@@ -269,7 +271,7 @@ describe('StateStore', () => {
         ),
       );
       for (const r of results) assert.equal(r.code, 0, /cannot open the state database \/[^\n]*/.exec(r.stderr)?.[0] ?? r.stderr);
-      assert.equal(userVersion(path), 1);
+      assert.equal(userVersion(path), schemaVersion);
     }
   });
 

@@ -1,0 +1,108 @@
+import type { Command } from 'commander';
+import { DaemonClient } from '../../daemon/client.ts';
+import { buildApp, listen } from '../../daemon/http.ts';
+import { Daemon } from '../../daemon/service.ts';
+import { ErrorCode, MayflyError } from '../../errors.ts';
+import type { PoolStatus } from '../../pool/pool.ts';
+import { sizeLabel } from '../../pool/sizes.ts';
+import { printJson, printList } from '../format.ts';
+import { positiveInt, type ContextFactory } from '../main.ts';
+
+async function client(context: ContextFactory): Promise<DaemonClient> {
+  const socket = context().config.daemon.socket;
+  const c = await DaemonClient.find(socket);
+  if (!c) {
+    throw new MayflyError(ErrorCode.DAEMON, `mayflyd does not answer on ${socket}`, {
+      hint: 'start it with: mayfly daemon (or systemctl start mayflyd), or set daemon.socket in the config',
+    });
+  }
+  return c;
+}
+
+export function registerDaemon(program: Command, context: ContextFactory): void {
+  program
+    .command('daemon')
+    .description('run mayflyd in the foreground: the HTTP API, the warm pools and the reaper')
+    .action(async () => {
+      const ctx = context();
+      const daemon = new Daemon({ dataDir: ctx.opts.dataDir, config: ctx.config, log: ctx.log });
+      const app = buildApp(daemon);
+      const server = await listen(app, daemon);
+      ctx.log.info({ socket: server.socket, tcp: server.tcp, pools: daemon.pools.poolNames }, 'mayflyd listening');
+      await daemon.start();
+      await new Promise<void>((resolve) => {
+        const stop = (sig: string) => {
+          ctx.log.info({ signal: sig }, 'mayflyd stopping');
+          process.off('SIGTERM', stop);
+          process.off('SIGINT', stop);
+          resolve();
+        };
+        process.on('SIGTERM', stop);
+        process.on('SIGINT', stop);
+      });
+      await server.close();
+      await daemon.stop();
+      ctx.log.info('mayflyd stopped');
+    });
+
+  const pool = program.command('pool').description('the warm pools of mayflyd');
+  pool
+    .command('ls')
+    .description('pools with their idle, leased and booting machines')
+    .option('--json', 'JSON output')
+    .action(async (o: { json?: boolean }) => {
+      const list = await (await client(context)).call<PoolStatus[]>('GET', '/v1/pools');
+      printList(list, {
+        json: Boolean(o.json || context().opts.json),
+        empty: 'no pools configured ([[pool]] in the config)',
+        headers: ['POOL', 'IMAGE', 'SIZE', 'IDLE', 'WANTED', 'LEASED', 'BOOTING', 'WAITING', 'MAX', 'PERIOD', 'LAST ERROR'],
+        row: (p) => [
+          p.name, p.image, sizeLabel(p.size), String(p.idle), String(p.desiredIdle), String(p.leased), String(p.creating),
+          String(p.waiting), String(p.maxInstances), p.period === null ? '-' : String(p.period),
+          p.lastError ? `${p.lastError.split('\n')[0]!.slice(0, 60)} (${p.failures}x)` : '-',
+        ],
+      });
+    });
+
+  const lease = program.command('lease').description('take and give back pool machines by hand');
+  lease
+    .command('acquire')
+    .description('lease a ready machine; prints the lease as JSON')
+    .option('--pool <name>', 'the pool')
+    .option('--image <name>', 'or: a pool serving this image')
+    .option('--size <label>', 'and this size (small, 4cpu8gb50gb, …)')
+    .option('--timeout <seconds>', 'how long to wait for a machine', positiveInt('--timeout'), 600)
+    .option('--max-runtime <seconds>', 'kill the machine after this long', positiveInt('--max-runtime'))
+    .option('--job <name>', 'a job name to record with the lease')
+    .action(async (o: { pool?: string; image?: string; size?: string; timeout: number; maxRuntime?: number; job?: string }) => {
+      const l = await (await client(context)).call('POST', '/v1/leases', {
+        pool: o.pool, image: o.image, size: o.size, timeout: o.timeout, max_runtime: o.maxRuntime, job: o.job ? { name: o.job } : undefined,
+      });
+      printJson(l);
+    });
+  lease
+    .command('release')
+    .description('give a leased machine back (it is destroyed, or reused when max_use_count allows)')
+    .argument('<id>', 'the lease id')
+    .action(async (id: string) => {
+      printJson(await (await client(context)).call('DELETE', `/v1/leases/${encodeURIComponent(id)}`));
+    });
+
+  program
+    .command('events')
+    .description("mayflyd's event log (queued, leased, ready, released, destroyed, …)")
+    .option('--follow', 'keep printing events as they happen')
+    .option('--after <id>', 'only events after this id', (v) => Number(v), 0)
+    .action(async (o: { follow?: boolean; after: number }) => {
+      const c = await client(context);
+      const print = (e: unknown) => process.stdout.write(JSON.stringify(e) + '\n');
+      if (!o.follow) {
+        for (const e of await c.call<unknown[]>('GET', `/v1/events?after=${o.after}`)) print(e);
+        return;
+      }
+      const ac = new AbortController();
+      process.once('SIGINT', () => ac.abort());
+      process.once('SIGTERM', () => ac.abort());
+      await c.follow(o.after, print, ac.signal);
+    });
+}

@@ -1,0 +1,106 @@
+import { EventEmitter } from 'node:events';
+import type { Config } from '../config/index.ts';
+import type { MachineSize } from '../drivers/types.ts';
+import { errorText } from '../errors.ts';
+import type { Logger } from '../log.ts';
+import { Engine, Machine } from '../pool/index.ts';
+import { poolSpecs } from '../pool/policy.ts';
+import { PoolManager, type CapacityGuard, type PoolEvent } from '../pool/pool.ts';
+import { reap } from '../pool/reaper.ts';
+import { hostLimits } from '../pool/sizes.ts';
+import type { EventRecord } from '../state/index.ts';
+import { Metrics } from './metrics.ts';
+
+// mayflyd's core, without HTTP: the engine, the warm pools, the reaper and the event log.
+
+export function capacityGuard(config: Config): CapacityGuard {
+  const host = hostLimits(0);
+  const maxCpus = host.cpus * config.capacity.cpu_overcommit;
+  const maxMemory = (host.memoryMiB - config.capacity.memory_reserve) * config.capacity.memory_overcommit;
+  return {
+    allows(size: MachineSize, running: readonly MachineSize[]): boolean {
+      const cpus = running.reduce((s, r) => s + r.cpus, size.cpus);
+      const memory = running.reduce((s, r) => s + r.memoryMiB, size.memoryMiB);
+      return cpus <= maxCpus && memory <= maxMemory;
+    },
+  };
+}
+
+export class Daemon {
+  readonly engine: Engine;
+  readonly pools: PoolManager<Machine>;
+  readonly events = new EventEmitter<{ event: [EventRecord] }>();
+  readonly metrics = new Metrics();
+  readonly log: Logger;
+  #timers: NodeJS.Timeout[] = [];
+  #reconciling = false;
+
+  constructor(opts: { dataDir: string; config: Config; log: Logger }) {
+    this.log = opts.log;
+    this.engine = new Engine(opts);
+    const engine = this.engine;
+    const specs = poolSpecs(opts.config, hostLimits(opts.config.capacity.memory_reserve));
+    this.pools = new PoolManager<Machine>(specs, {
+      log: opts.log,
+      capacity: capacityGuard(opts.config),
+      create: (spec, signal) =>
+        Machine.create(engine.machineDeps(), {
+          image: engine.images.resolve(spec.image),
+          size: spec.size,
+          owner: `pool ${spec.name}: idle`,
+          pool: spec.name,
+          signal,
+        }),
+      onEvent: (e) => this.#record(e),
+    });
+  }
+
+  #record(e: PoolEvent): void {
+    this.metrics.observe(e);
+    try {
+      const rec = { at: e.at, type: e.type, pool: e.pool, instance: e.instance ?? null, lease: e.lease ?? null, data: e.data ?? {} };
+      const id = this.engine.state.addEvent(rec);
+      this.events.emit('event', { id, ...rec });
+    } catch (err) {
+      this.log.error({ err: errorText(err) }, 'could not record an event');
+    }
+  }
+
+  /** Reaps what an earlier run left, then starts the autoscaler and reaper loops. */
+  async start(): Promise<void> {
+    await this.reapNow();
+    await this.reconcileNow();
+    const d = this.engine.config.daemon;
+    this.#timers.push(setInterval(() => void this.reconcileNow(), d.reconcile_interval * 1000));
+    this.#timers.push(setInterval(() => void this.reapNow(), d.reap_interval * 1000));
+  }
+
+  async reconcileNow(): Promise<void> {
+    if (this.#reconciling) return;
+    this.#reconciling = true;
+    try {
+      await this.pools.reconcile();
+      this.metrics.setPools(this.pools.status());
+    } catch (e) {
+      this.log.error({ err: errorText(e) }, 'autoscaler pass failed');
+    } finally {
+      this.#reconciling = false;
+    }
+  }
+
+  async reapNow(): Promise<void> {
+    const r = await reap({ state: this.engine.state, driver: this.engine.driver, instancesDir: this.engine.instancesDir, log: this.log });
+    for (const x of r.removed) {
+      this.metrics.reaped.inc();
+      this.#record({ type: 'reaped', at: Date.now(), pool: '', instance: x.id, data: { why: x.why } });
+    }
+  }
+
+  /** SIGTERM: stop creating, fail waiters, destroy machines as configured, close the store. */
+  async stop(): Promise<void> {
+    for (const t of this.#timers) clearInterval(t);
+    const destroy = this.engine.config.daemon.delete_instances_on_shutdown;
+    await this.pools.shutdown({ destroyIdle: destroy, destroyLeased: destroy });
+    this.engine.close();
+  }
+}
