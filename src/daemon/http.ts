@@ -46,7 +46,12 @@ function statusFor(e: MayflyError): number {
 }
 
 export function buildApp(daemon: Daemon, opts: { token?: string } = {}): FastifyInstance {
-  const app = Fastify({ logger: false, bodyLimit: 256 * 1024 * 1024 });
+  // No type coercion and no silent removal of unknown keys: bad input is refused, never guessed at.
+  const app = Fastify({
+    logger: false,
+    bodyLimit: 256 * 1024 * 1024,
+    ajv: { customOptions: { coerceTypes: false, removeAdditional: false, allErrors: true } },
+  });
   const engine = daemon.engine;
 
   if (opts.token) {

@@ -44,6 +44,8 @@ type PoolConfig = Config['pool'][number];
  */
 function cronPattern(p: string): string {
   const fields = p.trim().split(/\s+/);
+  // croner reads a 5-field pattern with seconds = 0, which would match one second a minute.
+  if (fields.length === 5) return ['*', ...fields].join(' ');
   if (fields.length === 7) {
     if (fields[6] !== '*') throw new Error(`the year field "${fields[6]}" is not supported (only "*")`);
     return fields.slice(0, 6).join(' ');

@@ -92,6 +92,8 @@ class PoolState<M> {
   failures = 0;
   backoffUntil = 0;
   lastError: string | null = null;
+  /** The host capacity guard refused the last creation this pool wanted. */
+  capacityBlocked = false;
   created = 0;
   constructor(spec: PoolSpec) {
     this.spec = spec;
@@ -148,11 +150,24 @@ export class PoolManager<M extends PooledMachine> {
   }
 
   #emit(e: Omit<PoolEvent, 'at'>): void {
-    this.#deps.onEvent?.({ ...e, at: this.#clock() });
+    try {
+      this.#deps.onEvent?.({ ...e, at: this.#clock() });
+    } catch (err) {
+      // A listener's failure must not unbalance the pool's own bookkeeping.
+      this.#deps.log.error({ pool: e.pool, event: e.type, err: errorText(err) }, 'an event listener failed');
+    }
   }
 
   /** A ready machine for a job: idle first, else a new one, else a place in the FIFO queue. */
   acquire(req: AcquireRequest): Promise<PoolLease<M>> {
+    try {
+      return this.#acquire(req);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+  }
+
+  #acquire(req: AcquireRequest): Promise<PoolLease<M>> {
     const p = this.#pool(req.pool);
     if (this.#stopping.signal.aborted) return Promise.reject(shuttingDown());
     req.signal?.throwIfAborted();
@@ -162,10 +177,12 @@ export class PoolManager<M extends PooledMachine> {
         this.#dropWaiter(p, w);
         this.#emit({ type: 'wait_timeout', pool: p.spec.name, data: { waitedMs: this.#clock() - w.queuedAt } });
         reject(
-          new MayflyError(ErrorCode.POOL_TIMEOUT, `no machine of pool '${p.spec.name}' became free within ${Math.round(req.timeoutMs / 1000)} s`, {
+          new MayflyError(ErrorCode.POOL_TIMEOUT, `no machine of pool '${p.spec.name}' became free within ${seconds(req.timeoutMs)}`, {
             hint: p.lastError
               ? `creating machines fails: ${p.lastError}`
-              : `all ${p.spec.maxInstances} machines (max_instances) are busy; raise max_instances or wait longer`,
+              : p.capacityBlocked
+                ? 'the host capacity guard stops new machines ([capacity] in the config); wait for others to finish or raise it'
+                : `all ${p.spec.maxInstances} machines (max_instances) are busy; raise max_instances or wait longer`,
           }),
         );
       }, req.timeoutMs);
@@ -277,8 +294,10 @@ export class PoolManager<M extends PooledMachine> {
     const policy = policyAt(p.spec, new Date(now));
     const wanted = p.waiters.length + desiredIdle(policy, p.leased.size) - p.idle.length - p.creating;
     let n = Math.min(wanted, p.spec.maxInstances - p.total, p.spec.maxGrowthRate - p.creating);
+    p.capacityBlocked = false;
     while (n-- > 0) {
       if (!this.#deps.capacity.allows(p.spec.size, this.#sizesInUse())) {
+        p.capacityBlocked = true;
         this.#deps.log.debug({ pool: p.spec.name }, 'host capacity reached; not creating more machines');
         return;
       }
@@ -293,39 +312,37 @@ export class PoolManager<M extends PooledMachine> {
   #create(p: PoolState<M>): void {
     p.creating++;
     const started = this.#clock();
-    this.#track(
-      this.#deps
-        .create(p.spec, this.#stopping.signal)
-        .then(async (m) => {
-          p.creating--;
-          p.failures = 0;
-          p.lastError = null;
-          p.created++;
-          if (this.#stopping.signal.aborted) {
-            await m.destroy().catch(() => {});
-            return;
-          }
-          p.idle.push({ machine: m, since: this.#clock(), uses: 0 });
-          this.#emit({ type: 'ready', pool: p.spec.name, instance: m.id, data: { bootMs: this.#clock() - started } });
-          this.#pump(p);
-        })
-        .catch((e: unknown) => {
-          p.creating--;
-          if (this.#stopping.signal.aborted) return;
-          p.failures++;
-          p.lastError = errorText(e);
-          const backoff = Math.min(maxBackoffMs, 1000 * 2 ** Math.min(p.failures, 20));
-          p.backoffUntil = this.#clock() + backoff;
-          this.#emit({ type: 'create_failed', pool: p.spec.name, data: { error: p.lastError, failures: p.failures, backoffMs: backoff } });
-          this.#deps.log.warn({ pool: p.spec.name, failures: p.failures, backoffMs: backoff, err: p.lastError }, 'creating a machine failed; backing off');
-          const t = setTimeout(() => {
-            this.#timers.delete(t);
-            this.#pump(p);
-          }, backoff);
-          t.unref();
-          this.#timers.add(t);
-        }),
-    );
+    const onReady = async (m: M) => {
+      p.creating--;
+      p.failures = 0;
+      p.lastError = null;
+      p.created++;
+      if (this.#stopping.signal.aborted) {
+        await m.destroy().catch(() => {});
+        return;
+      }
+      p.idle.push({ machine: m, since: this.#clock(), uses: 0 });
+      this.#emit({ type: 'ready', pool: p.spec.name, instance: m.id, data: { bootMs: this.#clock() - started } });
+      this.#pump(p);
+    };
+    const onFailed = (e: unknown) => {
+      p.creating--;
+      if (this.#stopping.signal.aborted) return;
+      p.failures++;
+      p.lastError = errorText(e);
+      const backoff = Math.min(maxBackoffMs, 1000 * 2 ** Math.min(p.failures, 20));
+      p.backoffUntil = this.#clock() + backoff;
+      this.#emit({ type: 'create_failed', pool: p.spec.name, data: { error: p.lastError, failures: p.failures, backoffMs: backoff } });
+      this.#deps.log.warn({ pool: p.spec.name, failures: p.failures, backoffMs: backoff, err: p.lastError }, 'creating a machine failed; backing off');
+      const t = setTimeout(() => {
+        this.#timers.delete(t);
+        this.#pump(p);
+      }, backoff);
+      t.unref();
+      this.#timers.add(t);
+    };
+    // onReady's own errors must not be taken for a failed creation (that would count it twice).
+    this.#track(this.#deps.create(p.spec, this.#stopping.signal).then(onReady, onFailed));
   }
 
   /** One autoscaler pass over every pool. */
@@ -432,6 +449,10 @@ export class PoolManager<M extends PooledMachine> {
     }
     while (this.#pending.size > 0) await Promise.allSettled([...this.#pending]);
   }
+}
+
+function seconds(ms: number): string {
+  return ms < 10_000 ? `${(ms / 1000).toFixed(1)} s` : `${Math.round(ms / 1000)} s`;
 }
 
 function shuttingDown(): MayflyError {
