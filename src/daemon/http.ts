@@ -28,7 +28,7 @@ interface ExecBody {
   stdin?: string;
 }
 
-const errorSchema = { type: 'object', properties: { code: { type: 'string' }, message: { type: 'string' } } };
+const errorSchema = { type: 'object', properties: { code: { type: 'string' }, message: { type: 'string' }, hint: { type: 'string' } } };
 
 function statusFor(e: MayflyError): number {
   switch (e.code) {

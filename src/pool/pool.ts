@@ -342,7 +342,14 @@ export class PoolManager<M extends PooledMachine> {
       this.#timers.add(t);
     };
     // onReady's own errors must not be taken for a failed creation (that would count it twice).
-    this.#track(this.#deps.create(p.spec, this.#stopping.signal).then(onReady, onFailed));
+    // A factory that throws at once counts as a failed creation too.
+    let creation: Promise<M>;
+    try {
+      creation = this.#deps.create(p.spec, this.#stopping.signal);
+    } catch (e) {
+      creation = Promise.reject(e);
+    }
+    this.#track(creation.then(onReady, onFailed));
   }
 
   /** One autoscaler pass over every pool. */

@@ -26,14 +26,27 @@ function processAlive(pid: number): boolean {
   }
 }
 
-/** A live process that is mayfly itself (a recycled pid belonging to something else is not). */
-function isMayflyProcess(pid: number): boolean {
-  if (!processAlive(pid)) return false;
+/** When a process started (ms since the epoch), from /proc; undefined when it is gone. */
+function processStartedAt(pid: number): number | undefined {
   try {
-    return /mayfly/.test(readFileSync(`/proc/${pid}/cmdline`, 'utf8'));
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const ticks = Number(fields[19]); // field 22 of stat: start time in clock ticks after boot
+    const btime = Number(/^btime (\d+)$/m.exec(readFileSync('/proc/stat', 'utf8'))![1]);
+    return btime * 1000 + (ticks * 1000) / 100; // USER_HZ is 100 on Linux
   } catch {
-    return false;
+    return undefined;
   }
+}
+
+/**
+ * Whether the process that created a machine still runs. A pid that was reused since belongs
+ * to a process started after the machine's record, so it does not count.
+ */
+function holderAlive(pid: number, recordCreatedAt: number): boolean {
+  if (!processAlive(pid)) return false;
+  const started = processStartedAt(pid);
+  return started !== undefined && started <= recordCreatedAt + 2000;
 }
 
 export async function reap(deps: { state: StateStore; driver: Driver; instancesDir: string; log: Logger }): Promise<ReapResult> {
@@ -56,7 +69,7 @@ export async function reap(deps: { state: StateStore; driver: Driver; instancesD
   for (const rec of state.listInstances()) {
     known.add(rec.id);
     if (ours.has(rec.id) || rec.state === 'kept') continue;
-    if (rec.holderPid !== null && rec.holderPid !== process.pid && isMayflyProcess(rec.holderPid)) continue;
+    if (rec.holderPid !== null && rec.holderPid !== process.pid && holderAlive(rec.holderPid, rec.createdAt)) continue;
     const why = rec.holderPid === process.pid ? 'not managed by this process any more' : `its mayfly process (pid ${rec.holderPid ?? '?'}) is gone`;
     await remove(rec.id, rec.pid, rec.dir, why);
   }

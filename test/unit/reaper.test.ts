@@ -1,0 +1,72 @@
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, test } from 'node:test';
+import type { Driver, HostMachine } from '../../src/drivers/types.ts';
+import { silentLogger } from '../../src/log.ts';
+import { reap } from '../../src/pool/reaper.ts';
+import { StateStore, type InstanceRecord } from '../../src/state/index.ts';
+
+// The reaper's decisions, with a driver that only records what it is asked to stop.
+
+const dir = mkdtempSync(join(tmpdir(), 'mayfly-reaper-'));
+after(() => rmSync(dir, { recursive: true, force: true }));
+
+test('the reaper removes exactly what nothing explains', async () => {
+  const instancesDir = join(dir, 'instances');
+  const state = new StateStore(join(dir, 'state.db'));
+  const holder = spawn('sleep', ['30'], { stdio: 'ignore' });
+  try {
+    await new Promise((r) => setTimeout(r, 100));
+    const now = Date.now();
+    const rec = (id: string, over: Partial<InstanceRecord>): void => {
+      mkdirSync(join(instancesDir, id), { recursive: true });
+      state.insertInstance({
+        id, driver: 'fake', imageName: 'debian-12', imageVersion: 1, imageId: 'sha256:x', state: 'leased', createdAt: now,
+        updatedAt: now, pid: null, dir: join(instancesDir, id), disks: [], consoleLog: '', sshPort: null, cpus: 1, memoryMiB: 512,
+        diskGiB: 4, accel: null, owner: null, holderPid: holder.pid!, pool: null, ...over,
+      });
+    };
+    rec('vm-held', {});
+    rec('vm-reused-pid', { createdAt: now - 3_600_000 }); // its holder's pid now belongs to a newer process
+    rec('vm-dead-holder', { holderPid: 2 ** 22 + 7 });
+    rec('vm-kept', { state: 'kept', holderPid: null });
+    mkdirSync(join(instancesDir, 'vm-stray-files'));
+
+    const stopped: string[] = [];
+    const host: HostMachine[] = [
+      { id: 'vm-unrecorded', pid: 4_000_000, dir: join(instancesDir, 'vm-unrecorded') },
+      { id: 'vm-elsewhere', pid: 4_000_001, dir: '/somewhere/else/vm-elsewhere' },
+    ];
+    const driver: Driver = {
+      name: 'fake',
+      start: () => Promise.reject(new Error('not used')),
+      deadReason: () => undefined,
+      stop: async (_pid, d) => {
+        stopped.push(d.split('/').at(-1)!);
+      },
+      consoleTail: () => '',
+      listHost: () => host,
+    };
+
+    const r = await reap({ state, driver, instancesDir, log: silentLogger });
+    assert.deepEqual(r.removed.map((x) => x.id).sort(), ['vm-dead-holder', 'vm-reused-pid', 'vm-stray-files', 'vm-unrecorded']);
+    assert.deepEqual(stopped.sort(), ['vm-dead-holder', 'vm-reused-pid', 'vm-stray-files', 'vm-unrecorded']);
+    assert.deepEqual(state.listInstances().map((i) => i.id).sort(), ['vm-held', 'vm-kept']);
+    assert.equal(existsSync(join(instancesDir, 'vm-held')), true);
+    assert.equal(existsSync(join(instancesDir, 'vm-dead-holder')), false);
+    assert.equal(existsSync(join(instancesDir, 'vm-stray-files')), false);
+    assert.match(r.removed.find((x) => x.id === 'vm-dead-holder')!.why, /its mayfly process \(pid \d+\) is gone/);
+
+    // A second pass finds nothing more to do.
+    stopped.length = 0;
+    host.length = 0;
+    assert.deepEqual((await reap({ state, driver, instancesDir, log: silentLogger })).removed, []);
+    assert.deepEqual(stopped, []);
+  } finally {
+    holder.kill();
+    state.close();
+  }
+});
