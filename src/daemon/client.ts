@@ -61,7 +61,7 @@ export class DaemonClient {
   /** Runs a command in a leased machine through the daemon's open connection, streaming output. */
   async exec(
     leaseId: string,
-    body: { argv: string[]; env?: Record<string, string>; cwd?: string; user?: 'job' | 'root' },
+    body: { argv: string[]; env?: Record<string, string>; cwd?: string; user?: 'job' | 'root'; stdin?: string },
     out: { stdout: (c: Buffer) => void; stderr: (c: Buffer) => void; signal?: AbortSignal },
   ): Promise<ExecResult> {
     const res = await this.#open('POST', `/v1/leases/${encodeURIComponent(leaseId)}/exec`, body, undefined, out.signal);

@@ -1,6 +1,7 @@
 import type { Command } from 'commander';
 import { execJob } from '../../integrations/exec/run-job.ts';
 import { collectPairs, positiveInt, type ContextFactory } from '../main.ts';
+import { obtainJobMachine, type MachineChoice } from '../job-machine.ts';
 import { withSignals } from '../signals.ts';
 
 export function registerExec(program: Command, context: ContextFactory): void {
@@ -14,19 +15,16 @@ export function registerExec(program: Command, context: ContextFactory): void {
     .option('--cpus <n>', 'virtual CPUs', positiveInt('--cpus'))
     .option('--memory <MiB>', 'memory in MiB', positiveInt('--memory'))
     .option('--disk <GiB>', 'disk size in GiB', positiveInt('--disk'))
-    .action(async (job: string, o: { file: string; image?: string; var: Record<string, string>; cpus?: number; memory?: number; disk?: number }) => {
+    .option('--pool <name>', 'take a ready machine from this mayflyd pool')
+    .option('--no-daemon', 'boot a machine in this process even when mayflyd runs')
+    .action(async (job: string, o: MachineChoice & { file: string; var: Record<string, string> }) => {
       const ctx = context();
       process.exitCode = await withSignals(ctx, (signal) =>
-        execJob(ctx.engine(), {
-          job,
-          file: o.file,
-          image: o.image,
-          size: { cpus: o.cpus, memoryMiB: o.memory, diskGiB: o.disk },
-          vars: o.var,
-          stdout: process.stdout,
-          stderr: process.stderr,
-          signal,
-        }),
+        execJob(
+          ctx.engine(),
+          { job, file: o.file, image: o.image, vars: o.var, stdout: process.stdout, stderr: process.stderr, signal },
+          (image, owner) => obtainJobMachine(ctx, { ...o, image }, owner, signal),
+        ),
       );
     });
 }

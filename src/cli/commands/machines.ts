@@ -1,37 +1,15 @@
 import type { Command } from 'commander';
 import { ErrorCode, MayflyError } from '../../errors.ts';
-import { DaemonClient } from '../../daemon/client.ts';
-import type { MachineSize } from '../../drivers/index.ts';
-import { runInFreshMachine, runInPooledMachine } from '../../integrations/local/run.ts';
+import { runCommand } from '../../integrations/local/run.ts';
+import { shellJoin } from '../../util/shell.ts';
+import { obtainJobMachine, type MachineChoice } from '../job-machine.ts';
 import { age, printList } from '../format.ts';
 import { collectPairs, positiveInt, type ContextFactory } from '../main.ts';
 import { withSignals } from '../signals.ts';
 
-interface RunOptions {
-  image?: string;
-  cpus?: number;
-  memory?: number;
-  disk?: number;
+interface RunOptions extends MachineChoice {
   env: Record<string, string>;
   root?: boolean;
-  keep?: boolean;
-  pool?: string;
-  daemon: boolean;
-}
-
-function runSizeLabel(s: MachineSize): string {
-  return `${s.cpus}cpu${s.memoryMiB}mb${s.diskGiB}gb`;
-}
-
-/** Whether some pool of the daemon has this image (and this size, when one was asked for). */
-async function poolServes(client: DaemonClient, image: string, sizeLabel: string | undefined): Promise<boolean> {
-  const pools = await client.call<{ image: string; size: MachineSize }[]>('GET', '/v1/pools');
-  const want = sizeLabel ? /^(\d+)cpu(\d+)mb(\d+)gb$/.exec(sizeLabel) : null;
-  return pools.some(
-    (p) =>
-      (p.image === image || image.startsWith(`${p.image}:`)) &&
-      (!want || (p.size.cpus === Number(want[1]) && p.size.memoryMiB === Number(want[2]) && p.size.diskGiB === Number(want[3]))),
-  );
 }
 
 export function registerMachines(program: Command, context: ContextFactory): void {
@@ -52,10 +30,10 @@ export function registerMachines(program: Command, context: ContextFactory): voi
     .action(async (command: string[], o: RunOptions) => {
       const ctx = context();
       process.exitCode = await withSignals(ctx, async (signal) => {
-        const req = {
+        const machine = await obtainJobMachine(ctx, o, `run: ${shellJoin(command).slice(0, 60)}`, signal);
+        ctx.log.info({ instance: machine.id, image: machine.image }, `machine ${machine.origin}`);
+        return runCommand(machine, {
           argv: command,
-          image: o.image,
-          size: { cpus: o.cpus, memoryMiB: o.memory, diskGiB: o.disk },
           env: o.env,
           asRoot: o.root,
           keep: o.keep,
@@ -63,20 +41,7 @@ export function registerMachines(program: Command, context: ContextFactory): voi
           stderr: process.stderr,
           signal,
           onKept: (howTo: string) => process.stderr.write(howTo + '\n'),
-        };
-        const client = o.daemon && !o.keep ? await DaemonClient.find(ctx.config.daemon.socket) : undefined;
-        if (o.pool && !client) {
-          throw new MayflyError(ErrorCode.DAEMON, `--pool ${o.pool} needs mayflyd, and none answers on ${ctx.config.daemon.socket}`, {
-            hint: 'start it with: mayfly daemon (or systemctl start mayflyd)',
-          });
-        }
-        if (client) {
-          const sizeLabel = o.cpus || o.memory || o.disk ? runSizeLabel(ctx.engine().resolveSize(req.size)) : undefined;
-          const servable = o.pool !== undefined || (await poolServes(client, o.image ?? ctx.config.defaults.image, sizeLabel));
-          if (servable) return runInPooledMachine(client, { ...req, pool: o.pool, image: o.image ?? ctx.config.defaults.image, sizeLabel });
-          ctx.log.info('no mayflyd pool serves this image and size; booting a machine here');
-        }
-        return runInFreshMachine(ctx.engine(), req);
+        });
       });
     });
 

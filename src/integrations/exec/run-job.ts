@@ -3,12 +3,11 @@ import { tmpdir } from 'node:os';
 import { basename, dirname, join, relative, resolve, sep } from 'node:path';
 import { spawn } from 'node:child_process';
 import { PassThrough } from 'node:stream';
-import type { MachineSize } from '../../drivers/index.ts';
 import { ErrorCode, MayflyError } from '../../errors.ts';
-import type { GuestChannel } from '../../guest/index.ts';
 import type { Engine } from '../../pool/index.ts';
 import { run, runChecked } from '../../util/exec.ts';
 import { isValidEnvName, shellQuote } from '../../util/shell.ts';
+import type { JobMachine } from '../job-machine.ts';
 import { workspace } from '../local/run.ts';
 import { parseCiFile, resolveJob, type CiJob } from './gitlab-ci.ts';
 import { expandVariables, refSlug } from './variables.ts';
@@ -21,7 +20,6 @@ export interface ExecJobRequest {
   file: string;
   /** Overrides the job's image. */
   image?: string;
-  size?: Partial<MachineSize>;
   /** --var K=V: win over everything else. */
   vars?: Record<string, string>;
   stdout: NodeJS.WritableStream;
@@ -147,7 +145,12 @@ export function jobScript(env: Record<string, string>, lines: readonly string[],
   return out.join('\n') + '\n';
 }
 
-export async function execJob(engine: Engine, req: ExecJobRequest): Promise<number> {
+/** `obtain` gives the job its machine: booted here, or leased from mayflyd's pool. */
+export async function execJob(
+  engine: Engine,
+  req: ExecJobRequest,
+  obtain: (image: string, owner: string) => Promise<JobMachine>,
+): Promise<number> {
   const p = await prepareJob(req);
   const say = (s: string) => req.stderr.write(`mayfly exec: ${s}\n`);
   for (const w of p.warnings) say(`warning: ${w}`);
@@ -157,35 +160,37 @@ export async function execJob(engine: Engine, req: ExecJobRequest): Promise<numb
   const mainScript = jobScript(vars, [...p.job.beforeScript, ...p.job.script], true); // validates names before a boot
   say(`job "${p.job.name}" (stage ${p.stage}) from ${p.job.file} in a fresh ${imageRef} machine`);
 
-  const lease = await engine.lease({ image: imageRef, size: req.size, owner: `exec: ${p.job.name}`, signal: req.signal });
+  const machine = await obtain(imageRef, `exec: ${p.job.name}`);
   try {
-    const guest = lease.machine.guest;
-    await copyWorkingTree(p.repo.root, guest, vars.CI_PROJECT_DIR!, req.signal);
+    say(`machine ${machine.id} (${machine.image}) ${machine.origin}`);
+    await copyWorkingTree(p.repo.root, machine, vars.CI_PROJECT_DIR!, req.signal);
     const out = { stdout: (c: Buffer) => req.stdout.write(c), stderr: (c: Buffer) => req.stderr.write(c), signal: req.signal };
 
-    const main = await runStep(guest, 'script', mainScript, out);
+    const main = await runStep(machine, 'script', mainScript, out);
     if (p.job.afterScript.length > 0) {
       say('running after_script');
       const status = main === 0 ? 'success' : 'failed';
-      const after = await runStep(guest, 'after_script', jobScript({ ...vars, CI_JOB_STATUS: status }, p.job.afterScript, true), out);
+      const after = await runStep(machine, 'after_script', jobScript({ ...vars, CI_JOB_STATUS: status }, p.job.afterScript, true), out);
       if (after !== 0) say(`warning: after_script failed with exit code ${after} (it does not change the job's result)`);
     }
     say(main === 0 ? 'job succeeded' : `job failed: exit code ${main}`);
     return main;
   } finally {
-    await lease.release();
+    await machine.release();
   }
 }
 
+/** Writes the step's script into the machine and runs it, in one round trip. */
 async function runStep(
-  guest: GuestChannel,
+  machine: JobMachine,
   name: string,
   script: string,
   out: { stdout: (c: Buffer) => void; stderr: (c: Buffer) => void; signal?: AbortSignal },
 ): Promise<number> {
   const path = `/tmp/mayfly-${name}.sh`;
-  await guest.writeFile(path, script, 0o700);
-  return (await guest.exec(['bash', path], out)).exitCode;
+  // cat takes the script from stdin up to its end; bash then runs it with that (empty) stdin.
+  const argv = ['sh', '-c', 'umask 077 && cat > "$1" && exec bash "$1"', 'sh', path];
+  return (await machine.exec(argv, { ...out, stdin: Buffer.from(script) })).exitCode;
 }
 
 /**
@@ -207,7 +212,7 @@ function pickImage(engine: Engine, jobImage: string | undefined, override: strin
 }
 
 /** Tracked and untracked-but-not-ignored files, plus .git, streamed as a tar into the machine. */
-async function copyWorkingTree(root: string, guest: GuestChannel, dest: string, signal?: AbortSignal): Promise<void> {
+async function copyWorkingTree(root: string, machine: JobMachine, dest: string, signal?: AbortSignal): Promise<void> {
   const ls = await runChecked('git', ['-C', root, 'ls-files', '-z', '--cached', '--others', '--exclude-standard'], {
     code: ErrorCode.NOT_A_GIT_REPO,
   });
@@ -233,7 +238,7 @@ async function copyWorkingTree(root: string, guest: GuestChannel, dest: string, 
     const archive = tar.stdout.pipe(new PassThrough({ highWaterMark: 4 << 20 }));
     let r: { exitCode: number };
     try {
-      r = await guest.execRaw(`mkdir -p ${shellQuote(dest)} && tar -x -C ${shellQuote(dest)} -f -`, {
+      r = await machine.exec(['sh', '-c', 'mkdir -p "$1" && tar -x -C "$1" -f -', 'sh', dest], {
         stdin: archive,
         stderr: (c) => unpackErr.push(c),
         signal,

@@ -1,0 +1,52 @@
+import { DaemonClient } from '../daemon/client.ts';
+import type { MachineSize } from '../drivers/index.ts';
+import { ErrorCode, MayflyError } from '../errors.ts';
+import { bootJobMachine, leaseJobMachine, type JobMachine } from '../integrations/job-machine.ts';
+import type { Context } from './context.ts';
+
+export interface MachineChoice {
+  image?: string;
+  cpus?: number;
+  memory?: number;
+  disk?: number;
+  pool?: string;
+  /** false with --no-daemon. */
+  daemon: boolean;
+  /** Only a machine of this process can be kept after the job. */
+  keep?: boolean;
+}
+
+/**
+ * A machine for one job: from mayflyd's pool when the daemon answers and a pool serves the image
+ * and size (or --pool names one), else booted here.
+ */
+export async function obtainJobMachine(ctx: Context, o: MachineChoice, owner: string, signal: AbortSignal): Promise<JobMachine> {
+  const size: Partial<MachineSize> = { cpus: o.cpus, memoryMiB: o.memory, diskGiB: o.disk };
+  const client = o.daemon && !o.keep ? await DaemonClient.find(ctx.config.daemon.socket) : undefined;
+  if (o.pool && !client) {
+    throw new MayflyError(ErrorCode.DAEMON, `--pool ${o.pool} needs mayflyd, and none answers on ${ctx.config.daemon.socket}`, {
+      hint: 'start it with: mayfly daemon (or systemctl start mayflyd)',
+    });
+  }
+  if (client) {
+    const image = o.image ?? ctx.config.defaults.image;
+    const sized = o.cpus !== undefined || o.memory !== undefined || o.disk !== undefined;
+    const s = sized ? ctx.engine().resolveSize(size) : undefined;
+    const sizeLabel = s ? `${s.cpus}cpu${s.memoryMiB}mb${s.diskGiB}gb` : undefined;
+    if (o.pool !== undefined || (await poolServes(client, image, s))) {
+      return leaseJobMachine(client, { pool: o.pool, image, sizeLabel, owner, signal });
+    }
+    ctx.log.info('no mayflyd pool serves this image and size; booting a machine here');
+  }
+  return bootJobMachine(ctx.engine(), { image: o.image, size, owner, signal });
+}
+
+/** Whether some pool of the daemon has this image (and this size, when one was asked for). */
+async function poolServes(client: DaemonClient, image: string, size: MachineSize | undefined): Promise<boolean> {
+  const pools = await client.call<{ image: string; size: MachineSize }[]>('GET', '/v1/pools');
+  return pools.some(
+    (p) =>
+      (p.image === image || image.startsWith(`${p.image}:`)) &&
+      (!size || (p.size.cpus === size.cpus && p.size.memoryMiB === size.memoryMiB && p.size.diskGiB === size.diskGiB)),
+  );
+}

@@ -1,0 +1,106 @@
+import type { Readable } from 'node:stream';
+import type { DaemonClient } from '../daemon/client.ts';
+import type { MachineSize } from '../drivers/index.ts';
+import { ErrorCode, MayflyError } from '../errors.ts';
+import type { ExecResult } from '../guest/index.ts';
+import type { Engine, Lease } from '../pool/index.ts';
+
+// What an integration needs from a machine for one job, whether it was booted in this
+// process or leased from mayflyd's warm pool: run commands (with input, output and
+// cancellation), then give the machine back.
+
+export interface JobExecOptions {
+  env?: Record<string, string>;
+  cwd?: string;
+  root?: boolean;
+  /** Input for the command. Streams are read whole first when the machine is the daemon's. */
+  stdin?: Buffer | Readable;
+  stdout?: (c: Buffer) => void;
+  stderr?: (c: Buffer) => void;
+  signal?: AbortSignal;
+}
+
+export interface JobMachine {
+  readonly id: string;
+  /** NAME:VERSION of its image. */
+  readonly image: string;
+  /** How it was obtained, for the job log: "booted in 11.8 s" or "from pool default after 0.00 s". */
+  readonly origin: string;
+  exec(argv: readonly string[], opts?: JobExecOptions): Promise<ExecResult>;
+  release(): Promise<void>;
+  /** The underlying local lease, when there is one (run --keep). */
+  readonly local?: Lease;
+}
+
+export interface JobMachineRequest {
+  image?: string;
+  size?: Partial<MachineSize>;
+  owner: string;
+  signal?: AbortSignal;
+}
+
+/** A fresh machine booted by this process. */
+export async function bootJobMachine(engine: Engine, req: JobMachineRequest): Promise<JobMachine> {
+  const lease = await engine.lease({ image: req.image, size: req.size, owner: req.owner, signal: req.signal });
+  const m = lease.machine;
+  return {
+    id: m.id,
+    image: `${m.image.name}:${m.image.version}`,
+    origin: `booted in ${(m.readyAfterMs / 1000).toFixed(1)} s`,
+    local: lease,
+    async exec(argv, o = {}) {
+      const ch = o.root ? await m.root() : m.guest;
+      return ch.exec(argv, { env: o.env, cwd: o.cwd, stdin: o.stdin, stdout: o.stdout, stderr: o.stderr, signal: o.signal });
+    },
+    release: () => lease.release(),
+  };
+}
+
+/** The largest command input sent through the daemon (it travels in one JSON body). */
+export const maxDaemonStdin = 192 * 1024 * 1024;
+
+async function readAll(stdin: Buffer | Readable | undefined): Promise<Buffer | undefined> {
+  if (stdin === undefined || Buffer.isBuffer(stdin)) return stdin;
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const c of stdin) {
+    size += (c as Buffer).length;
+    if (size > maxDaemonStdin) {
+      throw new MayflyError(ErrorCode.USAGE, `more than ${maxDaemonStdin / 2 ** 20} MiB of input for one command through mayflyd`, {
+        hint: 'use --no-daemon to boot a machine locally, which streams any size',
+      });
+    }
+    chunks.push(c as Buffer);
+  }
+  return Buffer.concat(chunks);
+}
+
+/** A ready machine from one of mayflyd's pools; commands run on the daemon's open connection. */
+export async function leaseJobMachine(
+  client: DaemonClient,
+  req: { pool?: string; image?: string; sizeLabel?: string; owner: string; signal?: AbortSignal },
+): Promise<JobMachine> {
+  const lease = await client.call<{ id: string; pool: string; waited_ms: number; instance: { id: string; image: string } }>(
+    'POST',
+    '/v1/leases',
+    { pool: req.pool, image: req.pool ? undefined : req.image, size: req.pool ? undefined : req.sizeLabel, job: { name: req.owner } },
+    undefined,
+    req.signal,
+  );
+  return {
+    id: lease.instance.id,
+    image: lease.instance.image,
+    origin: `from pool ${lease.pool} after ${(lease.waited_ms / 1000).toFixed(2)} s`,
+    async exec(argv, o = {}) {
+      const stdin = await readAll(o.stdin);
+      return client.exec(
+        lease.id,
+        { argv: [...argv], env: o.env, cwd: o.cwd, user: o.root ? 'root' : 'job', stdin: stdin?.toString('base64') },
+        { stdout: o.stdout ?? (() => {}), stderr: o.stderr ?? (() => {}), signal: o.signal },
+      );
+    },
+    release: async () => {
+      await client.call('DELETE', `/v1/leases/${encodeURIComponent(lease.id)}`);
+    },
+  };
+}
