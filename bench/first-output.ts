@@ -14,32 +14,18 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
-import { dirname, join } from 'node:path';
-import { parseArgs } from 'node:util';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { ImageStore } from '../src/images/store.ts';
-import { fail, fmt, printComparison } from './lib.ts';
+import { fmt, mayflyBin, printComparison, vmBench } from './lib.ts';
 
-const { values } = parseArgs({ options: { runs: { type: 'string', default: '3' }, 'data-dir': { type: 'string' } } });
-const runs = Number(values.runs);
-if (!Number.isInteger(runs) || runs < 1) fail('--runs must be a whole number of 1 or more');
-if (process.getuid?.() !== 0) fail('run it as root (it boots VMs)');
-
-const root = join(dirname(fileURLToPath(import.meta.url)), '..');
-const mayflyBin = join(root, 'bin', 'mayfly');
-const ownData = values['data-dir'] === undefined;
-const dataDir = values['data-dir'] ?? mkdtempSync('/var/tmp/mayfly-bench-');
+const bench = vmBench(3);
+const { runs, dataDir } = bench;
 const work = mkdtempSync('/var/tmp/mayfly-bench-work-');
 let baselinePid: number | undefined;
 
 try {
-  const store = new ImageStore(dataDir);
-  if (store.versions('debian-12').length === 0) {
-    console.log('building the default image first (not measured)…');
-    const b = spawnSync(mayflyBin, ['--data-dir', dataDir, 'image', 'build', 'debian-12'], { stdio: 'inherit' });
-    if (b.status !== 0) fail('the image build failed');
-  }
-  const image = store.resolve('debian-12');
+  bench.ensureImage();
+  const image = new ImageStore(dataDir).resolve('debian-12');
   console.log(`image ${image.name}:${image.version}, ${runs} runs each, interleaved`);
 
   const mayflyMs: number[] = [];
@@ -57,7 +43,7 @@ try {
   if (baselinePid) spawnSync('kill', ['-9', String(baselinePid)]);
   spawnSync(mayflyBin, ['--data-dir', dataDir, 'rm', '--all'], { stdio: 'ignore' });
   rmSync(work, { recursive: true, force: true });
-  if (ownData) rmSync(dataDir, { recursive: true, force: true });
+  bench.cleanup();
 }
 
 function timeMayfly(): Promise<number> {

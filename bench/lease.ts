@@ -13,25 +13,15 @@
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { dirname, join } from 'node:path';
-import { parseArgs } from 'node:util';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { defaultConfig } from '../src/config/index.ts';
 import { DaemonClient } from '../src/daemon/client.ts';
-import { ImageStore } from '../src/images/store.ts';
 import { silentLogger } from '../src/log.ts';
 import { Engine } from '../src/pool/index.ts';
-import { fail, fmt, printComparison } from './lib.ts';
+import { fmt, mayflyBin, printComparison, vmBench } from './lib.ts';
 
-const { values } = parseArgs({ options: { runs: { type: 'string', default: '5' }, 'data-dir': { type: 'string' } } });
-const runs = Number(values.runs);
-if (!Number.isInteger(runs) || runs < 1) fail('--runs must be a whole number of 1 or more');
-if (process.getuid?.() !== 0) fail('run it as root (it boots VMs)');
-
-const root = join(dirname(fileURLToPath(import.meta.url)), '..');
-const mayflyBin = join(root, 'bin', 'mayfly');
-const ownData = values['data-dir'] === undefined;
-const dataDir = values['data-dir'] ?? mkdtempSync('/var/tmp/mayfly-bench-');
+const bench = vmBench(5);
+const { runs, dataDir } = bench;
 const work = mkdtempSync('/var/tmp/mayfly-bench-lease-');
 const socket = join(work, 'mayfly.sock');
 let daemon: ChildProcess | undefined;
@@ -99,10 +89,7 @@ async function coldRun(engine: Engine): Promise<number> {
 }
 
 try {
-  if (new ImageStore(dataDir).versions('debian-12').length === 0) {
-    console.log('building the default image first (not measured)…');
-    if (spawnSync(mayflyBin, ['--data-dir', dataDir, 'image', 'build', 'debian-12'], { stdio: 'inherit' }).status !== 0) fail('the image build failed');
-  }
+  bench.ensureImage();
 
   let c = await startDaemon(0);
   await new Promise((r) => setTimeout(r, 2000));
@@ -116,7 +103,9 @@ try {
   for (let i = 1; i <= runs; i++) {
     await waitIdle(c, 1);
     warm.push(await warmRun(c));
-    await waitIdle(c, 1); // the refill boot must not compete with the cold boot for CPU
+    // The refill boot, and the first seconds of the new guest, must not compete with the cold boot for CPU.
+    await waitIdle(c, 1);
+    await new Promise((r) => setTimeout(r, 10_000));
     cold.push(await coldRun(engine));
     console.log(`run ${i}/${runs}: warm ${fmt(warm.at(-1)!)}  cold ${fmt(cold.at(-1)!)}`);
   }
@@ -134,5 +123,5 @@ try {
   await stopDaemon();
   spawnSync(mayflyBin, ['--data-dir', dataDir, 'rm', '--all'], { stdio: 'ignore' });
   rmSync(work, { recursive: true, force: true });
-  if (ownData) rmSync(dataDir, { recursive: true, force: true });
+  bench.cleanup();
 }

@@ -1,3 +1,10 @@
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import { ImageStore } from '../src/images/store.ts';
+
 // Shared by the benchmarks: summaries and printing. Each bench measures a baseline and mayfly
 // in the same run and prints the ratio of medians.
 
@@ -32,4 +39,39 @@ export function printComparison(title: string, mayfly: number[], baseline: numbe
 export function fail(message: string): never {
   console.error(`bench: ${message}`);
   process.exit(2);
+}
+
+export const mayflyBin = join(dirname(fileURLToPath(import.meta.url)), '..', 'bin', 'mayfly');
+
+export interface VmBench {
+  runs: number;
+  dataDir: string;
+  /** Builds the default image into the data dir unless it has one (not measured). */
+  ensureImage(): void;
+  /** Removes the data dir when the bench made it. */
+  cleanup(): void;
+}
+
+/** The options and data dir every VM benchmark takes: `--runs N` and `--data-dir DIR`. */
+export function vmBench(defaultRuns: number): VmBench {
+  const { values } = parseArgs({ options: { runs: { type: 'string', default: String(defaultRuns) }, 'data-dir': { type: 'string' } } });
+  const runs = Number(values.runs);
+  if (!Number.isInteger(runs) || runs < 1) fail('--runs must be a whole number of 1 or more');
+  if (process.getuid?.() !== 0) fail('run it as root (it boots VMs)');
+  const own = values['data-dir'] === undefined;
+  const dataDir = values['data-dir'] ?? mkdtempSync('/var/tmp/mayfly-bench-');
+  return {
+    runs,
+    dataDir,
+    ensureImage() {
+      if (new ImageStore(dataDir).versions('debian-12').length > 0) return;
+      console.log('building the default image first (not measured)…');
+      if (spawnSync(mayflyBin, ['--data-dir', dataDir, 'image', 'build', 'debian-12'], { stdio: 'inherit' }).status !== 0) {
+        fail('the image build failed');
+      }
+    },
+    cleanup() {
+      if (own) rmSync(dataDir, { recursive: true, force: true });
+    },
+  };
 }
