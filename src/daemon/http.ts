@@ -82,6 +82,9 @@ export function buildApp(daemon: Daemon, opts: { token?: string } = {}): Fastify
   app.get('/v1/health', async () => ({ ok: true, version, pid: process.pid }));
   app.get('/v1/pools', async () => daemon.pools.status());
   app.get('/v1/instances', async () => engine.instances());
+  app.get<{ Querystring: { all?: string } }>('/v1/leases', async (req) =>
+    req.query.all === 'true' ? engine.state.listLeases() : engine.state.listLeases(['leased', 'expired']),
+  );
 
   app.post<{ Body: LeaseBody }>(
     '/v1/leases',

@@ -58,6 +58,7 @@ export class Daemon {
   #record(e: PoolEvent): void {
     this.metrics.observe(e);
     try {
+      this.#recordLease(e);
       const rec = { at: e.at, type: e.type, pool: e.pool, instance: e.instance ?? null, lease: e.lease ?? null, data: e.data ?? {} };
       const id = this.engine.state.addEvent(rec);
       this.events.emit('event', { id, ...rec });
@@ -66,8 +67,29 @@ export class Daemon {
     }
   }
 
+  /** Keeps the leases table in step with the pool's lease events. */
+  #recordLease(e: PoolEvent): void {
+    const state = this.engine.state;
+    if (!e.lease) return;
+    if (e.type === 'leased') {
+      const l = this.pools.lease(e.lease);
+      if (!l) return;
+      state.insertLease({
+        id: l.id, pool: l.pool, instance: l.machine.id, job: l.job, state: 'leased', queuedAt: l.queuedAt, leasedAt: l.leasedAt,
+        deadline: l.deadline, releasedAt: null,
+      });
+    } else if (e.type === 'expired') {
+      state.updateLease(e.lease, { state: 'expired' });
+    } else if (e.type === 'released') {
+      const expired = state.listLeases(['expired']).some((l) => l.id === e.lease);
+      state.updateLease(e.lease, { state: expired ? 'expired' : 'released', releasedAt: e.at });
+    }
+  }
+
   /** Reaps what an earlier run left, then starts the autoscaler and reaper loops. */
   async start(): Promise<void> {
+    // Leases held when an earlier mayflyd died ended with it; their machines go to the reaper.
+    for (const l of this.engine.state.listLeases(['leased'])) this.engine.state.updateLease(l.id, { state: 'lost', releasedAt: Date.now() });
     await this.reapNow();
     await this.reconcileNow();
     const d = this.engine.config.daemon;

@@ -5,7 +5,7 @@ import { QemuDriver, type Driver, type MachineSize } from '../drivers/index.ts';
 import { ErrorCode, MayflyError } from '../errors.ts';
 import { ImageStore } from '../images/store.ts';
 import type { Logger } from '../log.ts';
-import { StateStore, type InstanceRecord } from '../state/index.ts';
+import { openStateStore, type InstanceRecord, type StateStore } from '../state/index.ts';
 import { qcow2Overlay, type StorageBackend } from '../storage/index.ts';
 import { Machine, type MachineDeps } from './machine.ts';
 import { checkSize, hostLimits } from './sizes.ts';
@@ -48,7 +48,7 @@ export class Engine {
     this.dataDir = opts.dataDir;
     this.config = opts.config;
     this.log = opts.log;
-    this.state = new StateStore(join(opts.dataDir, 'state.db'));
+    this.state = openStateStore(join(opts.dataDir, 'state.db'));
     this.images = new ImageStore(opts.dataDir);
     this.driver = new QemuDriver({
       binary: opts.config.qemu.binary,

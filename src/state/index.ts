@@ -34,6 +34,20 @@ export interface InstanceRecord {
   pool: string | null;
 }
 
+export type LeaseState = 'leased' | 'expired' | 'released' | 'lost';
+
+export interface LeaseRecord {
+  id: string;
+  pool: string;
+  instance: string;
+  job: Record<string, string>;
+  state: LeaseState;
+  queuedAt: number;
+  leasedAt: number;
+  deadline: number | null;
+  releasedAt: number | null;
+}
+
 export interface EventRecord {
   id: number;
   at: number;
@@ -77,6 +91,18 @@ const migrations: string[] = [
      data TEXT NOT NULL
    );
    CREATE INDEX events_at ON events (at);`,
+  `CREATE TABLE leases (
+     id TEXT PRIMARY KEY,
+     pool TEXT NOT NULL,
+     instance TEXT NOT NULL,
+     job TEXT NOT NULL,
+     state TEXT NOT NULL,
+     queued_at INTEGER NOT NULL,
+     leased_at INTEGER NOT NULL,
+     deadline INTEGER,
+     released_at INTEGER
+   );
+   CREATE INDEX leases_state ON leases (state);`,
 ];
 
 /** The schema version a store has once opened (SQLite's user_version). */
@@ -109,7 +135,31 @@ function toRecord(r: Row): InstanceRecord {
   };
 }
 
-export class StateStore {
+/**
+ * What mayfly keeps about this host. SQLite (below) is the default; the interface is what a
+ * PostgreSQL store for a fleet of hosts would implement. SQL is kept portable apart from the
+ * SQLite pragmas and AUTOINCREMENT.
+ */
+export interface StateStore {
+  insertInstance(rec: InstanceRecord): void;
+  updateInstance(id: string, patch: Partial<Pick<InstanceRecord, 'state' | 'pid' | 'sshPort' | 'accel' | 'owner' | 'holderPid'>>): void;
+  deleteInstance(id: string): void;
+  getInstance(id: string): InstanceRecord | undefined;
+  listInstances(): InstanceRecord[];
+  instancesUsingImage(name: string, version?: number): InstanceRecord[];
+  addEvent(e: Omit<EventRecord, 'id'>): number;
+  events(afterId?: number, limit?: number): EventRecord[];
+  insertLease(l: LeaseRecord): void;
+  updateLease(id: string, patch: { state: LeaseState; releasedAt?: number }): void;
+  listLeases(states?: readonly LeaseState[]): LeaseRecord[];
+  close(): void;
+}
+
+export function openStateStore(path: string): StateStore {
+  return new SqliteStateStore(path);
+}
+
+export class SqliteStateStore implements StateStore {
   readonly path: string;
   #db: DatabaseSync;
 
@@ -211,6 +261,35 @@ export class StateStore {
       instance: r.instance === null ? null : String(r.instance),
       lease: r.lease === null ? null : String(r.lease),
       data: JSON.parse(String(r.data)) as Record<string, unknown>,
+    }));
+  }
+
+  insertLease(l: LeaseRecord): void {
+    this.#db
+      .prepare('INSERT INTO leases (id, pool, instance, job, state, queued_at, leased_at, deadline, released_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)')
+      .run(l.id, l.pool, l.instance, JSON.stringify(l.job), l.state, l.queuedAt, l.leasedAt, l.deadline, l.releasedAt);
+  }
+
+  updateLease(id: string, patch: { state: LeaseState; releasedAt?: number }): void {
+    this.#db.prepare('UPDATE leases SET state = ?, released_at = COALESCE(?, released_at) WHERE id = ?').run(patch.state, patch.releasedAt ?? null, id);
+  }
+
+  listLeases(states?: readonly LeaseState[]): LeaseRecord[] {
+    const rows = (
+      states && states.length > 0
+        ? this.#db.prepare(`SELECT * FROM leases WHERE state IN (${states.map(() => '?').join(', ')}) ORDER BY leased_at`).all(...states)
+        : this.#db.prepare('SELECT * FROM leases ORDER BY leased_at').all()
+    ) as Row[];
+    return rows.map((r) => ({
+      id: String(r.id),
+      pool: String(r.pool),
+      instance: String(r.instance),
+      job: JSON.parse(String(r.job)) as Record<string, string>,
+      state: String(r.state) as LeaseState,
+      queuedAt: Number(r.queued_at),
+      leasedAt: Number(r.leased_at),
+      deadline: r.deadline === null ? null : Number(r.deadline),
+      releasedAt: r.released_at === null ? null : Number(r.released_at),
     }));
   }
 

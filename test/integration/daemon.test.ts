@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import type { ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { request } from 'node:http';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -99,6 +100,21 @@ describe('mayflyd', { timeout: 900_000 }, () => {
     assert.ok(!instanceDirs().includes(host!), 'the used machine is destroyed (max_use_count 1)');
   });
 
+  test('mayfly exec takes a pool machine too, working tree and scripts through the daemon', async () => {
+    await waitIdle(1);
+    const repo = join(dir, 'repo');
+    mkdirSync(repo);
+    execFileSync('git', ['-C', repo, 'init', '-q']);
+    writeFileSync(join(repo, '.gitlab-ci.yml'), 'job:\n  script:\n    - cat data.txt\n    - exit 6\n  after_script:\n    - echo "after $CI_JOB_STATUS"\n');
+    writeFileSync(join(repo, 'data.txt'), 'copied through mayflyd\n');
+    const r = await mayfly(['--config', config, 'exec', 'job'], { cwd: repo });
+    assert.equal(r.code, 6, r.stderr);
+    assert.match(r.stderr, /machine vm-[a-z2-7]+ \(debian-12:\d+\) from pool warm after \d+\.\d\d s/);
+    const out = r.stdout.replace(/\x1b\[[0-9;]*m/g, '');
+    assert.match(out, /^copied through mayflyd$/m);
+    assert.match(out, /^after failed$/m);
+  });
+
   test('a lease past its max runtime has its machine killed', async () => {
     await waitIdle(1);
     const acq = await cli(['lease', 'acquire', '--pool', 'warm', '--max-runtime', '2', '--job', 'slow']);
@@ -110,6 +126,11 @@ describe('mayflyd', { timeout: 900_000 }, () => {
     assert.deepEqual(JSON.parse(rel.stdout), { released: lease.id, expired: true });
     const events = (await cli(['events'])).stdout.trim().split('\n').map((l) => JSON.parse(l) as { type: string; lease: string | null });
     assert.ok(events.some((e) => e.type === 'expired' && e.lease === lease.id), 'an expired event');
+    const all = JSON.parse((await cli(['lease', 'ls', '--all', '--json'])).stdout) as { id: string; state: string; releasedAt: number | null; job: unknown }[];
+    const rec = all.find((l) => l.id === lease.id);
+    assert.equal(rec?.state, 'expired');
+    assert.ok(rec.releasedAt !== null);
+    assert.deepEqual(rec.job, { name: 'slow' });
   });
 
   test('bad API input gets a 4xx with a message and the daemon keeps serving', async () => {
@@ -154,6 +175,9 @@ describe('mayflyd', { timeout: 900_000 }, () => {
 
     startDaemon();
     await waitFor(() => /reaped an orphaned machine/.test(daemonLog), 60_000, 'the reaper');
+    const leases = JSON.parse((await cli(['lease', 'ls', '--all', '--json'])).stdout) as { state: string }[];
+    assert.equal(leases.filter((l) => l.state === 'lost').length, 2, 'the two leases held when mayflyd died are marked lost');
+    assert.equal(leases.filter((l) => l.state === 'leased').length, 0);
     // Everything that existed before the restart is gone; only the new pool machine may exist.
     await waitIdle(1);
     const live = instanceDirs();
@@ -169,6 +193,6 @@ describe('mayflyd', { timeout: 900_000 }, () => {
     assert.deepEqual(instanceDirs(), []);
     assert.deepEqual(processesMentioning(join(testDataDir(), 'instances')), []);
     assert.equal(existsSync(socket), false, 'the socket is removed');
-    assert.deepEqual(readdirSync(dir).sort(), ['config.toml']);
+    assert.deepEqual(readdirSync(dir).sort(), ['config.toml', 'repo']);
   });
 });

@@ -7,7 +7,7 @@ import { after, test } from 'node:test';
 import type { Driver, HostMachine } from '../../src/drivers/types.ts';
 import { silentLogger } from '../../src/log.ts';
 import { reap } from '../../src/pool/reaper.ts';
-import { StateStore, type InstanceRecord } from '../../src/state/index.ts';
+import { SqliteStateStore as StateStore, type InstanceRecord } from '../../src/state/index.ts';
 
 // The reaper's decisions, with a driver that only records what it is asked to stop.
 

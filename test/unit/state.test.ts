@@ -7,7 +7,7 @@ import { pathToFileURL } from 'node:url';
 import { DatabaseSync } from 'node:sqlite';
 import { after, describe, test } from 'node:test';
 import { ErrorCode, MayflyError } from '../../src/errors.ts';
-import { StateStore, schemaVersion, type InstanceRecord } from '../../src/state/index.ts';
+import { SqliteStateStore as StateStore, schemaVersion, type InstanceRecord } from '../../src/state/index.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'mayfly-state-test-'));
 after(() => rmSync(dir, { recursive: true, force: true }));
@@ -259,7 +259,7 @@ describe('StateStore', () => {
     const moduleUrl = pathToFileURL(join(import.meta.dirname, '..', '..', 'src', 'state', 'index.ts')).href;
     for (let round = 0; round < 3; round++) {
       const path = dbPath();
-      const code = `import { StateStore } from ${JSON.stringify(moduleUrl)}; new StateStore(${JSON.stringify(path)}).close();`;
+      const code = `import { SqliteStateStore as StateStore } from ${JSON.stringify(moduleUrl)}; new StateStore(${JSON.stringify(path)}).close();`;
       const results = await Promise.all(
         Array.from({ length: 6 }, () =>
           new Promise<{ code: number | null; stderr: string }>((resolve) => {
@@ -288,5 +288,26 @@ describe('StateStore', () => {
         return true;
       },
     );
+  });
+});
+
+describe('leases in the state store', () => {
+  test('insert, update and list by state', () => {
+    const s = new StateStore(dbPath());
+    try {
+      const base = { pool: 'p', instance: 'vm-1', job: { name: 'build' }, queuedAt: 10, leasedAt: 20, deadline: null, releasedAt: null };
+      s.insertLease({ ...base, id: 'lease-a', state: 'leased' });
+      s.insertLease({ ...base, id: 'lease-b', state: 'leased', leasedAt: 30, deadline: 90 });
+      s.updateLease('lease-a', { state: 'released', releasedAt: 50 });
+      assert.deepEqual(s.listLeases(['leased']).map((l) => l.id), ['lease-b']);
+      assert.deepEqual(s.listLeases(), [
+        { ...base, id: 'lease-a', state: 'released', releasedAt: 50 },
+        { ...base, id: 'lease-b', state: 'leased', leasedAt: 30, deadline: 90 },
+      ]);
+      s.updateLease('lease-b', { state: 'lost' });
+      assert.equal(s.listLeases(['lost'])[0]?.releasedAt, null, 'a state change without a time keeps released_at');
+    } finally {
+      s.close();
+    }
   });
 });

@@ -5,7 +5,8 @@ import { Daemon } from '../../daemon/service.ts';
 import { ErrorCode, MayflyError } from '../../errors.ts';
 import type { PoolStatus } from '../../pool/pool.ts';
 import { sizeLabel } from '../../pool/sizes.ts';
-import { printJson, printList } from '../format.ts';
+import type { LeaseRecord } from '../../state/index.ts';
+import { age, printJson, printList } from '../format.ts';
 import { positiveInt, type ContextFactory } from '../main.ts';
 
 async function client(context: ContextFactory): Promise<DaemonClient> {
@@ -79,6 +80,23 @@ export function registerDaemon(program: Command, context: ContextFactory): void 
         pool: o.pool, image: o.image, size: o.size, timeout: o.timeout, max_runtime: o.maxRuntime, job: o.job ? { name: o.job } : undefined,
       });
       printJson(l);
+    });
+  lease
+    .command('ls')
+    .description('leases held now (--all: every lease mayflyd has recorded)')
+    .option('--all', 'include released, expired and lost leases')
+    .option('--json', 'JSON output')
+    .action(async (o: { all?: boolean; json?: boolean }) => {
+      const list = await (await client(context)).call<LeaseRecord[]>('GET', `/v1/leases${o.all ? '?all=true' : ''}`);
+      printList(list, {
+        json: Boolean(o.json || context().opts.json),
+        empty: 'no leases',
+        headers: ['LEASE', 'POOL', 'INSTANCE', 'STATE', 'HELD', 'DEADLINE', 'JOB'],
+        row: (l) => [
+          l.id, l.pool, l.instance, l.state, age(l.leasedAt, l.releasedAt ?? Date.now()),
+          l.deadline === null ? '-' : new Date(l.deadline).toISOString(), JSON.stringify(l.job),
+        ],
+      });
     });
   lease
     .command('release')
