@@ -43,6 +43,8 @@ export const ErrorCode = {
   STATE: 'MAYFLY_ERR_STATE',
   POOL_TIMEOUT: 'MAYFLY_ERR_POOL_TIMEOUT',
   LEASE_NOT_FOUND: 'MAYFLY_ERR_LEASE_NOT_FOUND',
+  LEASE_EXPIRED: 'MAYFLY_ERR_LEASE_EXPIRED',
+  NO_MATCHING_POOL: 'MAYFLY_ERR_NO_MATCHING_POOL',
   SHUTTING_DOWN: 'MAYFLY_ERR_SHUTTING_DOWN',
   DAEMON: 'MAYFLY_ERR_DAEMON',
 } as const;
@@ -53,7 +55,7 @@ const inputErrors: ReadonlySet<string> = new Set<string>([
   ErrorCode.CONFIG_NOT_FOUND, ErrorCode.CONFIG_PARSE, ErrorCode.CONFIG_INVALID, ErrorCode.USAGE, ErrorCode.IMAGE_NOT_FOUND,
   ErrorCode.IMAGE_IN_USE, ErrorCode.RECIPE_INVALID, ErrorCode.SIZE_INVALID, ErrorCode.INSTANCE_NOT_FOUND,
   ErrorCode.CI_FILE_NOT_FOUND, ErrorCode.CI_FILE_INVALID, ErrorCode.CI_JOB_NOT_FOUND, ErrorCode.NOT_A_GIT_REPO,
-  ErrorCode.LEASE_NOT_FOUND,
+  ErrorCode.LEASE_NOT_FOUND, ErrorCode.NO_MATCHING_POOL,
 ]);
 
 export function isMayflyError(e: unknown): e is MayflyError {

@@ -33,20 +33,12 @@ export async function obtainJobMachine(ctx: Context, o: MachineChoice, owner: st
     const sized = o.cpus !== undefined || o.memory !== undefined || o.disk !== undefined;
     const s = sized ? ctx.engine().resolveSize(size) : undefined;
     const sizeLabel = s ? `${s.cpus}cpu${s.memoryMiB}mb${s.diskGiB}gb` : undefined;
-    if (o.pool !== undefined || (await poolServes(client, image, s))) {
-      return leaseJobMachine(client, { pool: o.pool, image, sizeLabel, owner, signal });
+    try {
+      return await leaseJobMachine(client, { pool: o.pool, image, sizeLabel, owner, signal });
+    } catch (e) {
+      if (!(e instanceof MayflyError && e.code === ErrorCode.NO_MATCHING_POOL)) throw e;
+      ctx.log.info('no mayflyd pool serves this image and size; booting a machine here');
     }
-    ctx.log.info('no mayflyd pool serves this image and size; booting a machine here');
   }
   return bootJobMachine(ctx.engine(), { image: o.image, size, owner, signal });
-}
-
-/** Whether some pool of the daemon has this image (and this size, when one was asked for). */
-async function poolServes(client: DaemonClient, image: string, size: MachineSize | undefined): Promise<boolean> {
-  const pools = await client.call<{ image: string; size: MachineSize }[]>('GET', '/v1/pools');
-  return pools.some(
-    (p) =>
-      (p.image === image || image.startsWith(`${p.image}:`)) &&
-      (!size || (p.size.cpus === size.cpus && p.size.memoryMiB === size.memoryMiB && p.size.diskGiB === size.diskGiB)),
-  );
 }

@@ -1,4 +1,5 @@
 import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
+import { timingSafeEqual } from 'node:crypto';
 import { dirname } from 'node:path';
 import { execFileSync } from 'node:child_process';
 import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify';
@@ -18,6 +19,8 @@ interface LeaseBody {
   job?: Record<string, string>;
   timeout?: number;
   max_runtime?: number;
+  /** A local client's pid: when that process is gone, the lease is released for it. */
+  holder_pid?: number;
 }
 
 interface ExecBody {
@@ -38,6 +41,8 @@ function statusFor(e: MayflyError): number {
       return 404;
     case ErrorCode.POOL_TIMEOUT:
       return 503;
+    case ErrorCode.LEASE_EXPIRED:
+      return 410;
     case ErrorCode.SHUTTING_DOWN:
       return 503;
     default:
@@ -49,16 +54,22 @@ export function buildApp(daemon: Daemon, opts: { token?: string } = {}): Fastify
   // No type coercion and no silent removal of unknown keys: bad input is refused, never guessed at.
   const app = Fastify({
     logger: false,
+    // On shutdown, open event streams and waiting requests must not hold the daemon up.
+    forceCloseConnections: true,
     bodyLimit: 256 * 1024 * 1024,
     ajv: { customOptions: { coerceTypes: false, removeAdditional: false, allErrors: true } },
   });
   const engine = daemon.engine;
 
   if (opts.token) {
-    const expected = `Bearer ${opts.token}`;
+    const expected = Buffer.from(`Bearer ${opts.token}`);
+    const valid = (given: string | undefined) => {
+      const g = Buffer.from(given ?? '');
+      return g.length === expected.length && timingSafeEqual(g, expected);
+    };
     app.addHook('onRequest', async (req, reply) => {
       // The unix socket is protected by its file mode; TCP needs the token.
-      if (req.socket.remoteAddress !== undefined && req.headers.authorization !== expected) {
+      if (req.socket.remoteAddress !== undefined && !valid(req.headers.authorization)) {
         await reply.code(401).send({ code: 'MAYFLY_ERR_UNAUTHORIZED', message: 'a valid bearer token is required (Authorization: Bearer TOKEN)' });
       }
     });
@@ -100,6 +111,7 @@ export function buildApp(daemon: Daemon, opts: { token?: string } = {}): Fastify
             job: { type: 'object', additionalProperties: { type: 'string' } },
             timeout: { type: 'number', minimum: 0, maximum: 86400 },
             max_runtime: { type: 'number', minimum: 0, maximum: 604800 },
+            holder_pid: { type: 'integer', minimum: 1 },
           },
         },
         response: { 400: errorSchema },
@@ -109,19 +121,28 @@ export function buildApp(daemon: Daemon, opts: { token?: string } = {}): Fastify
       const b = req.body;
       const pool = b.pool ?? matchPool(daemon, b.image, b.size);
       const ac = new AbortController();
-      // A client that hangs up while waiting gives up its place in the queue.
-      req.raw.on('close', () => {
-        if (!reply.sent) ac.abort(new MayflyError(ErrorCode.USAGE, 'the client went away'));
+      // A client that hangs up while waiting gives up its place in the queue. (The request's own
+      // 'close' fires once its body is read; the response's fires only on a real disconnect.)
+      reply.raw.on('close', () => {
+        if (!reply.raw.writableFinished) ac.abort(new MayflyError(ErrorCode.USAGE, 'the client went away'));
       });
       const lease = await daemon.pools.acquire({
         pool,
         job: b.job,
         timeoutMs: (b.timeout ?? 600) * 1000,
         maxRuntimeMs: b.max_runtime === undefined ? undefined : b.max_runtime * 1000,
+        holderPid: b.holder_pid,
         signal: ac.signal,
       });
       const m = lease.machine;
-      m.setOwner(`lease ${lease.id}${b.job?.name ? `: ${b.job.name}` : ''}`);
+      try {
+        if (ac.signal.aborted || reply.raw.destroyed) throw ac.signal.reason ?? new Error('the client went away');
+        m.setOwner(`lease ${lease.id}${b.job?.name ? `: ${b.job.name}` : ''}`);
+      } catch (e) {
+        // Nobody will ever release a lease its client did not receive.
+        await daemon.pools.release(lease.id);
+        throw e;
+      }
       return reply.code(201).send({
         id: lease.id,
         pool: lease.pool,
@@ -160,7 +181,7 @@ export function buildApp(daemon: Daemon, opts: { token?: string } = {}): Fastify
       const lease = daemon.pools.lease(req.params.id);
       if (!lease) throw new MayflyError(ErrorCode.LEASE_NOT_FOUND, `no lease '${req.params.id}'`);
       if (daemon.pools.isExpired(lease.id)) {
-        throw new MayflyError(ErrorCode.MACHINE_START_FAILED, `lease ${lease.id} ran past its max runtime; its machine was killed`);
+        throw new MayflyError(ErrorCode.LEASE_EXPIRED, `lease ${lease.id} ran past its max runtime; its machine was killed`);
       }
       const ch = req.body.user === 'root' ? await lease.machine.root() : lease.machine.guest;
       streamExec(reply, (frame) => reply.raw.write(JSON.stringify(frame) + '\n'), async (signal) =>
@@ -222,13 +243,26 @@ function streamExec(
 function matchPool(daemon: Daemon, image: string | undefined, size: string | undefined): string {
   const config = daemon.engine.config;
   const want = size === undefined ? undefined : parseSizeLabel(size, namedSizes(config.sizes));
+  // A pool boots its image's newest version: it serves `NAME`, and `NAME:V` or an id only when
+  // that is the version it boots now.
+  const images = daemon.engine.images;
+  const wantId = image === undefined || !/[:]|^(sha256:)?[0-9a-f]{8,}$/.test(image) ? undefined : images.resolve(image).id;
+  const serves = (p: { image: string }) => {
+    if (image === undefined) return true;
+    if (wantId === undefined) return p.image === image;
+    try {
+      return images.resolve(p.image).id === wantId;
+    } catch {
+      return false;
+    }
+  };
   const candidates = daemon.pools.status().filter(
     (p) =>
-      (image === undefined || p.image === image || image.startsWith(`${p.image}:`)) &&
+      serves(p) &&
       (want === undefined || (p.size.cpus === want.cpus && p.size.memoryMiB === want.memoryMiB && p.size.diskGiB === want.diskGiB)),
   );
   if (candidates.length === 0) {
-    throw new MayflyError(ErrorCode.USAGE, `no pool serves image ${image ?? '(any)'} with size ${size ?? '(any)'}`, {
+    throw new MayflyError(ErrorCode.NO_MATCHING_POOL, `no pool serves image ${image ?? '(any)'} with size ${size ?? '(any)'}`, {
       hint: `pools: ${daemon.pools.status().map((p) => `${p.name} (${p.image}, ${p.size.cpus}cpu/${p.size.memoryMiB}M/${p.size.diskGiB}G)`).join('; ') || 'none configured'}`,
     });
   }
@@ -245,11 +279,24 @@ export async function listen(app: FastifyInstance, daemon: Daemon): Promise<{ so
     }
     rmSync(d.socket, { force: true });
   }
-  await app.listen({ path: d.socket });
+  // Created under a umask that never lets others in, then opened to the group.
+  const umask = process.umask(0o117);
+  try {
+    await app.listen({ path: d.socket });
+  } finally {
+    process.umask(umask);
+  }
   chmodSync(d.socket, 0o660);
   if (d.socket_group) {
-    const gid = Number(execFileSync('getent', ['group', d.socket_group], { encoding: 'utf8' }).split(':')[2]);
-    chownSync(d.socket, 0, gid);
+    try {
+      const gid = Number(execFileSync('getent', ['group', d.socket_group], { encoding: 'utf8' }).split(':')[2]);
+      chownSync(d.socket, process.getuid?.() ?? 0, gid);
+    } catch (e) {
+      await app.close();
+      throw new MayflyError(ErrorCode.CONFIG_INVALID, `cannot give group '${d.socket_group}' the socket ${d.socket}: ${errorText(e)}`, {
+        hint: 'daemon.socket_group must name an existing group, and mayflyd must run as root to use it',
+      });
+    }
   }
   let tcpApp: FastifyInstance | undefined;
   if (d.listen) {

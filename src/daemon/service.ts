@@ -34,6 +34,7 @@ export class Daemon {
   readonly log: Logger;
   #timers: NodeJS.Timeout[] = [];
   #reconciling = false;
+  #reaping = false;
 
   constructor(opts: { dataDir: string; config: Config; log: Logger }) {
     this.log = opts.log;
@@ -111,18 +112,31 @@ export class Daemon {
   }
 
   async reapNow(): Promise<void> {
-    const r = await reap({ state: this.engine.state, driver: this.engine.driver, instancesDir: this.engine.instancesDir, log: this.log });
-    for (const x of r.removed) {
-      this.metrics.reaped.inc();
-      this.#record({ type: 'reaped', at: Date.now(), pool: '', instance: x.id, data: { why: x.why } });
+    if (this.#reaping) return;
+    this.#reaping = true;
+    try {
+      const r = await reap({ state: this.engine.state, driver: this.engine.driver, instancesDir: this.engine.instancesDir, log: this.log });
+      for (const x of r.removed) {
+        this.metrics.reaped.inc();
+        this.#record({ type: 'reaped', at: Date.now(), pool: '', instance: x.id, data: { why: x.why } });
+      }
+    } catch (e) {
+      this.log.error({ err: errorText(e) }, 'reaper pass failed');
+    } finally {
+      this.#reaping = false;
     }
   }
 
-  /** SIGTERM: stop creating, fail waiters, destroy machines as configured, close the store. */
-  async stop(): Promise<void> {
+  /**
+   * SIGTERM: stop creating, fail waiting lease requests, destroy machines as configured, then
+   * close the API (`closeApi`) and the store.
+   */
+  async stop(closeApi: () => Promise<void> = async () => {}): Promise<void> {
     for (const t of this.#timers) clearInterval(t);
+    this.#timers = [];
     const destroy = this.engine.config.daemon.delete_instances_on_shutdown;
     await this.pools.shutdown({ destroyIdle: destroy, destroyLeased: destroy });
+    await closeApi();
     this.engine.close();
   }
 }

@@ -57,7 +57,7 @@ export async function bootJobMachine(engine: Engine, req: JobMachineRequest): Pr
 }
 
 /** The largest command input sent through the daemon (it travels in one JSON body). */
-export const maxDaemonStdin = 192 * 1024 * 1024;
+export const maxDaemonStdin = 160 * 1024 * 1024; // base64 in JSON: ~213 MiB, under mayflyd's body limit
 
 async function readAll(stdin: Buffer | Readable | undefined): Promise<Buffer | undefined> {
   if (stdin === undefined || Buffer.isBuffer(stdin)) return stdin;
@@ -83,7 +83,14 @@ export async function leaseJobMachine(
   const lease = await client.call<{ id: string; pool: string; waited_ms: number; instance: { id: string; image: string } }>(
     'POST',
     '/v1/leases',
-    { pool: req.pool, image: req.pool ? undefined : req.image, size: req.pool ? undefined : req.sizeLabel, job: { name: req.owner } },
+    {
+      pool: req.pool,
+      image: req.pool ? undefined : req.image,
+      size: req.pool ? undefined : req.sizeLabel,
+      job: { name: req.owner },
+      // If this process dies without releasing, mayflyd releases the lease for it.
+      holder_pid: process.pid,
+    },
     undefined,
     req.signal,
   );

@@ -2,6 +2,7 @@ import type { MachineSize } from '../drivers/types.ts';
 import { ErrorCode, MayflyError, errorText } from '../errors.ts';
 import type { Logger } from '../log.ts';
 import { newId } from '../util/ids.ts';
+import { holderAlive } from '../util/proc.ts';
 import { desiredIdle, policyAt, type PoolSpec } from './policy.ts';
 
 // The warm pool: per class (image × size) it keeps idle, ready machines, hands them out as
@@ -18,7 +19,7 @@ export interface PooledMachine {
 
 export type PoolEventType =
   | 'queued' | 'leased' | 'released' | 'ready' | 'destroyed' | 'expired' | 'lost' | 'create_failed' | 'idle_expired' | 'wait_timeout'
-  | 'reaped';
+  | 'reaped' | 'abandoned';
 
 export interface PoolEvent {
   type: PoolEventType;
@@ -40,6 +41,8 @@ export interface PoolDeps<M extends PooledMachine> {
   capacity: CapacityGuard;
   clock?: () => number;
   onEvent?: (e: PoolEvent) => void;
+  /** Whether a lease's holder process still runs (default: /proc, aware of pid reuse). */
+  holderAlive?: (pid: number, since: number) => boolean;
 }
 
 export interface AcquireRequest {
@@ -48,8 +51,10 @@ export interface AcquireRequest {
   job?: Record<string, string>;
   /** How long to wait for a machine before giving up. */
   timeoutMs: number;
-  /** Overrides the pool's max_runtime for this lease (0: none). */
+  /** A shorter max runtime for this lease; the pool's max_runtime, when set, is the ceiling. */
   maxRuntimeMs?: number;
+  /** A local process holding the lease: when it is gone, the lease is released for it. */
+  holderPid?: number;
   signal?: AbortSignal;
 }
 
@@ -61,6 +66,7 @@ export interface PoolLease<M> {
   queuedAt: number;
   leasedAt: number;
   deadline: number | null;
+  holderPid: number | null;
 }
 
 interface Idle<M> {
@@ -71,7 +77,6 @@ interface Idle<M> {
 
 interface Leased<M> extends PoolLease<M> {
   uses: number;
-  expired: boolean;
 }
 
 interface Waiter<M> {
@@ -128,6 +133,8 @@ export class PoolManager<M extends PooledMachine> {
   readonly #stopping = new AbortController();
   #timers = new Set<NodeJS.Timeout>();
   readonly #pending = new Set<Promise<unknown>>();
+  /** Leases whose machine was killed at max_runtime: their slot is free, the holder still has to hear it. */
+  readonly #expired = new Map<string, { pool: string; instance: string }>();
 
   constructor(specs: readonly PoolSpec[], deps: PoolDeps<M>) {
     for (const s of specs) this.#pools.set(s.name, new PoolState<M>(s));
@@ -208,12 +215,18 @@ export class PoolManager<M extends PooledMachine> {
 
   /** Ends a lease: the machine is destroyed, or goes back to idle when max_use_count allows. */
   async release(leaseId: string): Promise<void> {
+    const expired = this.#expired.get(leaseId);
+    if (expired) {
+      this.#expired.delete(leaseId);
+      this.#emit({ type: 'released', pool: expired.pool, instance: expired.instance, lease: leaseId, data: { expired: true } });
+      return;
+    }
     for (const p of this.#pools.values()) {
       const l = p.leased.get(leaseId);
       if (!l) continue;
       p.leased.delete(leaseId);
       this.#emit({ type: 'released', pool: p.spec.name, instance: l.machine.id, lease: l.id, data: { heldMs: this.#clock() - l.leasedAt } });
-      if (!l.expired && l.uses < p.spec.maxUseCount && !l.machine.deadReason() && !this.#stopping.signal.aborted) {
+      if (l.uses < p.spec.maxUseCount && !l.machine.deadReason() && !this.#stopping.signal.aborted) {
         p.idle.push({ machine: l.machine, since: this.#clock(), uses: l.uses });
         this.#pump(p);
         return;
@@ -246,13 +259,20 @@ export class PoolManager<M extends PooledMachine> {
       this.#deps.log.error({ pool: p.spec.name, instance: m.id, err: errorText(e) }, 'destroying a machine failed');
     } finally {
       p.destroying--;
-      this.#pump(p);
+      // The freed room may be what another pool's waiters (or the capacity guard) wait for.
+      this.#pumpAll();
     }
   }
 
   #track<T>(promise: Promise<T>): void {
     const tracked = promise.finally(() => this.#pending.delete(tracked));
     this.#pending.add(tracked);
+  }
+
+  /** Pools with waiters first, so freed host capacity goes to jobs before idle refills. */
+  #pumpAll(): void {
+    const pools = [...this.#pools.values()].sort((a, b) => Number(b.waiters.length > 0) - Number(a.waiters.length > 0));
+    for (const q of pools) this.#pump(q);
   }
 
   /** Serves waiters from idle machines, then starts the creations the policy and limits allow. */
@@ -268,7 +288,10 @@ export class PoolManager<M extends PooledMachine> {
       const w = p.waiters.shift()!;
       w.cleanup();
       const now = this.#clock();
-      const maxRuntimeMs = w.req.maxRuntimeMs ?? p.spec.maxRuntimeMs;
+      // A lease may ask for less time than the pool allows, never more.
+      const asked = w.req.maxRuntimeMs ?? 0;
+      const poolMax = p.spec.maxRuntimeMs;
+      const maxRuntimeMs = poolMax > 0 ? (asked > 0 ? Math.min(asked, poolMax) : poolMax) : asked;
       const lease: Leased<M> = {
         id: newId('lease'),
         pool: p.spec.name,
@@ -277,8 +300,8 @@ export class PoolManager<M extends PooledMachine> {
         queuedAt: w.queuedAt,
         leasedAt: now,
         deadline: maxRuntimeMs > 0 ? now + maxRuntimeMs : null,
+        holderPid: w.req.holderPid ?? null,
         uses: idle.uses + 1,
-        expired: false,
       };
       p.leased.set(lease.id, lease);
       this.#emit({ type: 'leased', pool: p.spec.name, instance: lease.machine.id, lease: lease.id, data: { waitedMs: now - w.queuedAt, job: lease.job } });
@@ -357,6 +380,7 @@ export class PoolManager<M extends PooledMachine> {
     for (const p of this.#pools.values()) {
       this.#expireIdle(p);
       this.#killOverdueLeases(p);
+      this.#releaseAbandoned(p);
       this.#dropLost(p);
       this.#pump(p);
     }
@@ -377,13 +401,23 @@ export class PoolManager<M extends PooledMachine> {
 
   #killOverdueLeases(p: PoolState<M>): void {
     const now = this.#clock();
-    for (const l of p.leased.values()) {
-      if (l.expired || l.deadline === null || now < l.deadline) continue;
-      l.expired = true;
+    for (const l of [...p.leased.values()]) {
+      if (l.deadline === null || now < l.deadline) continue;
+      p.leased.delete(l.id);
+      this.#expired.set(l.id, { pool: p.spec.name, instance: l.machine.id });
       this.#emit({ type: 'expired', pool: p.spec.name, instance: l.machine.id, lease: l.id, data: { maxRuntimeMs: l.deadline - l.leasedAt } });
       this.#deps.log.warn({ pool: p.spec.name, lease: l.id, instance: l.machine.id }, 'lease ran past its max runtime; its machine is killed');
-      // The lease stays until its holder releases it; the machine is gone now.
-      this.#track(l.machine.destroy().catch(() => {}));
+      this.#track(this.#destroy(p, l.machine, 'max_runtime'));
+    }
+  }
+
+  /** Leases whose holder process is gone (a `mayfly run` killed with -9) are released for it. */
+  #releaseAbandoned(p: PoolState<M>): void {
+    const alive = this.#deps.holderAlive ?? holderAlive;
+    for (const l of [...p.leased.values()]) {
+      if (l.holderPid === null || alive(l.holderPid, l.leasedAt)) continue;
+      this.#emit({ type: 'abandoned', pool: p.spec.name, instance: l.machine.id, lease: l.id, data: { holderPid: l.holderPid } });
+      this.#track(this.release(l.id));
     }
   }
 
@@ -401,13 +435,9 @@ export class PoolManager<M extends PooledMachine> {
     p.idle = alive;
   }
 
-  /** Whether a lease's machine was killed for running past its max runtime. */
+  /** Whether a lease's machine was killed for running past its max runtime (and it is not released yet). */
   isExpired(leaseId: string): boolean {
-    for (const p of this.#pools.values()) {
-      const l = p.leased.get(leaseId);
-      if (l) return l.expired;
-    }
-    return false;
+    return this.#expired.has(leaseId);
   }
 
   status(): PoolStatus[] {

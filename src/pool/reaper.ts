@@ -1,9 +1,10 @@
-import { existsSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { existsSync, readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Driver } from '../drivers/types.ts';
 import { errorText } from '../errors.ts';
 import type { Logger } from '../log.ts';
 import type { StateStore } from '../state/index.ts';
+import { holderAlive } from '../util/proc.ts';
 import { Machine } from './machine.ts';
 
 // The reaper: compares what exists on the host (machine processes, instance dirs with clones,
@@ -16,42 +17,8 @@ export interface ReapResult {
   removed: { id: string; why: string }[];
 }
 
-function processAlive(pid: number): boolean {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
-    return state !== 'Z' && state !== 'X';
-  } catch {
-    return false;
-  }
-}
-
-/** When a process started (ms since the epoch), from /proc; undefined when it is gone. */
-function processStartedAt(pid: number): number | undefined {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    const ticks = Number(fields[19]); // field 22 of stat: start time in clock ticks after boot
-    const btime = Number(/^btime (\d+)$/m.exec(readFileSync('/proc/stat', 'utf8'))![1]);
-    return btime * 1000 + (ticks * 1000) / 100; // USER_HZ is 100 on Linux
-  } catch {
-    return undefined;
-  }
-}
-
-/**
- * Whether the process that created a machine still runs. A pid that was reused since belongs
- * to a process started after the machine's record, so it does not count.
- */
-function holderAlive(pid: number, recordCreatedAt: number): boolean {
-  if (!processAlive(pid)) return false;
-  const started = processStartedAt(pid);
-  return started !== undefined && started <= recordCreatedAt + 2000;
-}
-
 export async function reap(deps: { state: StateStore; driver: Driver; instancesDir: string; log: Logger }): Promise<ReapResult> {
   const { state, driver, instancesDir, log } = deps;
-  const ours = Machine.liveIds();
   const removed: ReapResult['removed'] = [];
   const remove = async (id: string, pid: number | null, dir: string, why: string) => {
     try {
@@ -65,24 +32,31 @@ export async function reap(deps: { state: StateStore; driver: Driver; instancesD
     }
   };
 
-  const known = new Set<string>();
+  // Asked again right before every removal: machines are created while the reaper works, by
+  // this process or by another one. (A machine's record is written before its dir, so a dir
+  // without a record is never one being made.)
+  const explained = (id: string): boolean => {
+    if (Machine.liveIds().has(id)) return true;
+    const rec = state.getInstance(id);
+    if (!rec) return false;
+    if (rec.state === 'kept') return true;
+    return rec.holderPid !== null && rec.holderPid !== process.pid && holderAlive(rec.holderPid, rec.createdAt);
+  };
+
   for (const rec of state.listInstances()) {
-    known.add(rec.id);
-    if (ours.has(rec.id) || rec.state === 'kept') continue;
-    if (rec.holderPid !== null && rec.holderPid !== process.pid && holderAlive(rec.holderPid, rec.createdAt)) continue;
+    if (explained(rec.id)) continue;
     const why = rec.holderPid === process.pid ? 'not managed by this process any more' : `its mayfly process (pid ${rec.holderPid ?? '?'}) is gone`;
     await remove(rec.id, rec.pid, rec.dir, why);
   }
   // Machine processes of this data dir that the state store does not know at all.
   for (const h of driver.listHost()) {
-    if (known.has(h.id) || ours.has(h.id) || !h.dir.startsWith(instancesDir + '/')) continue;
+    if (!h.dir.startsWith(instancesDir + '/') || state.getInstance(h.id) || explained(h.id)) continue;
     await remove(h.id, h.pid, h.dir, 'a machine process with no record');
-    known.add(h.id);
   }
   // Leftover instance dirs (clones, keys, console logs) with neither record nor process.
   if (existsSync(instancesDir)) {
     for (const id of readdirSync(instancesDir)) {
-      if (known.has(id) || ours.has(id)) continue;
+      if (state.getInstance(id) || explained(id)) continue;
       await remove(id, null, join(instancesDir, id), 'files with no record');
     }
   }

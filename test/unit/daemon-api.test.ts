@@ -4,7 +4,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { ConfigSchema } from '../../src/config/schema.ts';
+import { DaemonClient } from '../../src/daemon/client.ts';
 import { buildApp } from '../../src/daemon/http.ts';
+import { MayflyError } from '../../src/errors.ts';
 import { Daemon } from '../../src/daemon/service.ts';
 import { silentLogger } from '../../src/log.ts';
 
@@ -92,6 +94,35 @@ describe('mayflyd API', () => {
     assert.equal(wrong.statusCode, 401);
     const ok = await app.inject({ method: 'GET', url: '/v1/health', headers: { authorization: 'Bearer a-long-enough-test-token' } });
     assert.equal(ok.statusCode, 200);
+  });
+
+  test('through a real socket, a lease request waits its timeout, and hanging up leaves the queue', async () => {
+    // fastify's inject does not show how a request's events behave on a real connection.
+    const app = buildApp(daemon);
+    const socket = join(dir, 'api.sock');
+    await app.listen({ path: socket });
+    try {
+      const client = new DaemonClient(socket);
+      const t0 = Date.now();
+      await assert.rejects(client.call('POST', '/v1/leases', { pool: 'p', timeout: 0.6 }), (e: unknown) => {
+        assert.ok(e instanceof MayflyError);
+        assert.equal(e.code, 'MAYFLY_ERR_POOL_TIMEOUT');
+        return true;
+      });
+      assert.ok(Date.now() - t0 >= 500, `waited ${Date.now() - t0} ms`);
+
+      const ac = new AbortController();
+      const pending = client.call('POST', '/v1/leases', { pool: 'p', timeout: 30 }, undefined, ac.signal).catch((e: unknown) => e);
+      const waiting = async () => (await client.call<{ waiting: number }[]>('GET', '/v1/pools'))[0]!.waiting;
+      for (let i = 0; i < 50 && (await waiting()) === 0; i++) await new Promise((r) => setTimeout(r, 20));
+      assert.equal(await waiting(), 1);
+      ac.abort(new Error('user hung up'));
+      await pending;
+      for (let i = 0; i < 50 && (await waiting()) === 1; i++) await new Promise((r) => setTimeout(r, 20));
+      assert.equal(await waiting(), 0, 'the hung-up request left the queue');
+    } finally {
+      await app.close();
+    }
   });
 
   test('metrics are in the Prometheus text format', async () => {

@@ -130,6 +130,7 @@ interface HarnessOptions {
   /** Clock start (ms since the epoch). */
   start?: number;
   onEvent?: (e: PoolEvent) => void;
+  holderAlive?: (pid: number, since: number) => boolean;
 }
 
 const managers: PoolManager<FakeMachine>[] = [];
@@ -149,6 +150,7 @@ function harness(pools: Record<string, unknown>[], opts: HarnessOptions = {}) {
     log: silentLogger,
     capacity: opts.capacity ?? { allows: () => true },
     clock: () => clock.now,
+    holderAlive: opts.holderAlive,
     onEvent: (e) => {
       events.push(e);
       opts.onEvent?.(e);
@@ -590,8 +592,9 @@ describe('max_runtime', () => {
     assert.deepEqual(h.ofType('expired'), [
       { type: 'expired', pool: 'ci', at: T0 + 600_000, instance: l.machine.id, lease: l.id, data: { maxRuntimeMs: 600_000 } },
     ]);
-    // The lease stays (and counts) until its holder releases it; expiring again does nothing.
-    assert.equal(h.status().leased, 1);
+    // The slot is free at once (the holder may never come back); expiring again does nothing;
+    // the holder's release still answers, once.
+    assert.equal(h.status().leased, 0);
     await h.pm.reconcile();
     assert.equal(h.ofType('expired').length, 1);
     await h.pm.release(l.id);
@@ -599,18 +602,40 @@ describe('max_runtime', () => {
     assert.equal(h.status().idle, 0);
     assert.equal(h.pm.isExpired(l.id), false);
     assert.equal(h.ofType('released').length, 1);
+    await assert.rejects(h.pm.release(l.id), (e: unknown) => isCode(ErrorCode.LEASE_NOT_FOUND, /no lease/)(e));
   });
 
-  test('maxRuntimeMs on the request overrides the pool', async () => {
+  test('a lease may ask for less time than the pool allows, never more', async () => {
     const h = harness([pool({ max_runtime: '10m' })]);
     const none = await h.pm.acquire({ pool: 'ci', timeoutMs: 1000, maxRuntimeMs: 0 });
     const short = await h.pm.acquire({ pool: 'ci', timeoutMs: 1000, maxRuntimeMs: 1000 });
-    assert.equal(none.deadline, null);
+    const long = await h.pm.acquire({ pool: 'ci', timeoutMs: 1000, maxRuntimeMs: 3600_000 });
+    assert.equal(none.deadline, T0 + 600_000, 'asking for no limit keeps the pool limit');
     assert.equal(short.deadline, T0 + 1000);
-    h.advance(24 * 3600_000);
+    assert.equal(long.deadline, T0 + 600_000);
+    h.advance(1000);
     await h.pm.reconcile();
-    assert.equal(h.pm.isExpired(none.id), false);
-    assert.equal(h.pm.isExpired(short.id), true);
+    assert.deepEqual([none, short, long].map((l) => h.pm.isExpired(l.id)), [false, true, false]);
+
+    const free = harness([pool({})]);
+    const unlimited = await free.pm.acquire({ pool: 'ci', timeoutMs: 1000 });
+    const limited = await free.pm.acquire({ pool: 'ci', timeoutMs: 1000, maxRuntimeMs: 5000 });
+    assert.deepEqual([unlimited.deadline, limited.deadline], [null, T0 + 5000]);
+  });
+
+  test('a lease whose holder process is gone is released for it', async () => {
+    const dead = new Set<number>();
+    const h = harness([pool({})], { holderAlive: (pid: number) => !dead.has(pid) });
+    const held = await h.pm.acquire({ pool: 'ci', timeoutMs: 1000, holderPid: 111 });
+    const orphan = await h.pm.acquire({ pool: 'ci', timeoutMs: 1000, holderPid: 222 });
+    const noHolder = await h.pm.acquire({ pool: 'ci', timeoutMs: 1000 });
+    dead.add(222);
+    await h.pm.reconcile();
+    await settle();
+    assert.equal(h.status().leased, 2);
+    assert.deepEqual(h.ofType('abandoned').map((e) => e.lease), [orphan.id]);
+    assert.equal(orphan.machine.destroyCalls, 1);
+    assert.deepEqual([held.machine.destroyCalls, noHolder.machine.destroyCalls], [0, 0]);
   });
 });
 

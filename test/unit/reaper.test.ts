@@ -70,3 +70,38 @@ test('the reaper removes exactly what nothing explains', async () => {
     state.close();
   }
 });
+
+test('a machine created while the reaper works is left alone', async () => {
+  const d2 = mkdtempSync(join(tmpdir(), 'mayfly-reaper-race-'));
+  const instancesDir = join(d2, 'instances');
+  const state = new StateStore(join(d2, 'state.db'));
+  try {
+    const now = Date.now();
+    const rec = (id: string, holderPid: number): InstanceRecord => ({
+      id, driver: 'fake', imageName: 'debian-12', imageVersion: 1, imageId: 'sha256:x', state: 'creating', createdAt: now,
+      updatedAt: now, pid: null, dir: join(instancesDir, id), disks: [], consoleLog: '', sshPort: null, cpus: 1, memoryMiB: 512,
+      diskGiB: 4, accel: null, owner: null, holderPid, pool: null,
+    });
+    state.insertInstance(rec('vm-orphan', 2 ** 22 + 9));
+    mkdirSync(join(instancesDir, 'vm-orphan'), { recursive: true });
+    const driver: Driver = {
+      name: 'fake',
+      start: () => Promise.reject(new Error('not used')),
+      deadReason: () => undefined,
+      // While the orphan is being stopped, this process starts a new machine: record first, then dir.
+      stop: async () => {
+        state.insertInstance(rec('vm-new', process.pid));
+        mkdirSync(join(instancesDir, 'vm-new'), { recursive: true });
+      },
+      consoleTail: () => '',
+      listHost: () => [],
+    };
+    const r = await reap({ state, driver, instancesDir, log: silentLogger });
+    assert.deepEqual(r.removed.map((x) => x.id), ['vm-orphan']);
+    assert.equal(existsSync(join(instancesDir, 'vm-new')), true);
+    assert.equal(state.getInstance('vm-new')?.id, 'vm-new');
+  } finally {
+    state.close();
+    rmSync(d2, { recursive: true, force: true });
+  }
+});

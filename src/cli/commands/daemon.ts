@@ -26,23 +26,23 @@ export function registerDaemon(program: Command, context: ContextFactory): void 
     .description('run mayflyd in the foreground: the HTTP API, the warm pools and the reaper')
     .action(async () => {
       const ctx = context();
-      const daemon = new Daemon({ dataDir: ctx.opts.dataDir, config: ctx.config, log: ctx.log });
-      const app = buildApp(daemon);
-      const server = await listen(app, daemon);
-      ctx.log.info({ socket: server.socket, tcp: server.tcp, pools: daemon.pools.poolNames }, 'mayflyd listening');
-      await daemon.start();
-      await new Promise<void>((resolve) => {
+      // Signals are caught from the start, so one that arrives while starting still cleans up.
+      const stopping = new Promise<string>((resolve) => {
         const stop = (sig: string) => {
-          ctx.log.info({ signal: sig }, 'mayflyd stopping');
           process.off('SIGTERM', stop);
           process.off('SIGINT', stop);
-          resolve();
+          resolve(sig);
         };
         process.on('SIGTERM', stop);
         process.on('SIGINT', stop);
       });
-      await server.close();
-      await daemon.stop();
+      const daemon = new Daemon({ dataDir: ctx.opts.dataDir, config: ctx.config, log: ctx.log });
+      const app = buildApp(daemon);
+      const server = await listen(app, daemon);
+      ctx.log.info({ socket: server.socket, tcp: server.tcp, pools: daemon.pools.poolNames }, 'mayflyd listening');
+      await Promise.race([daemon.start(), stopping]);
+      ctx.log.info({ signal: await stopping }, 'mayflyd stopping');
+      await daemon.stop(server.close);
       ctx.log.info('mayflyd stopped');
     });
 

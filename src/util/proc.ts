@@ -1,0 +1,36 @@
+import { readFileSync } from 'node:fs';
+
+// Facts about host processes from /proc.
+
+export function processAlive(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+    return state !== 'Z' && state !== 'X';
+  } catch {
+    return false;
+  }
+}
+
+/** When a process started (ms since the epoch); undefined when it is gone. */
+export function processStartedAt(pid: number): number | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const ticks = Number(fields[19]); // field 22 of stat: start time in clock ticks after boot
+    const btime = Number(/^btime (\d+)$/m.exec(readFileSync('/proc/stat', 'utf8'))![1]);
+    return btime * 1000 + (ticks * 1000) / 100; // USER_HZ is 100 on Linux
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Whether the process `pid` that did something at `since` still runs. A pid reused since
+ * belongs to a process started later, so it does not count.
+ */
+export function holderAlive(pid: number, since: number): boolean {
+  if (!processAlive(pid)) return false;
+  const started = processStartedAt(pid);
+  return started !== undefined && started <= since + 2000;
+}
