@@ -31,12 +31,16 @@ export class DaemonClient {
           method,
           path,
           headers: data ? { 'content-type': 'application/json', 'content-length': data.length } : {},
-          timeout: timeoutMs,
+          // No agent: the global one closes sockets idle for 5 s, and a lease request may wait
+          // minutes for a machine, an exec stream for a silent command even longer.
+          agent: false,
           signal,
         },
         resolve,
       );
-      req.on('timeout', () => req.destroy(new Error(`mayflyd did not answer within ${timeoutMs} ms`)));
+      if (timeoutMs !== undefined) {
+        req.setTimeout(timeoutMs, () => req.destroy(new Error(`mayflyd did not answer within ${timeoutMs} ms`)));
+      }
       req.on('error', (e) =>
         reject(signal?.aborted ? signal.reason : new MayflyError(ErrorCode.DAEMON, `cannot talk to mayflyd at ${this.socket}: ${e.message}`)),
       );

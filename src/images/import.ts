@@ -32,7 +32,7 @@ export async function importImage(store: ImageStore, req: ImportRequest): Promis
     });
   }
   for (const [what, p] of [['disk', req.disk], ['kernel', req.kernel], ['initrd', req.initrd]] as const) {
-    if (p !== undefined && !existsSync(p)) throw new MayflyError(ErrorCode.IMAGE_IMPORT_FAILED, `the ${what} file ${p} does not exist`);
+    if (p !== undefined && !existsSync(p)) throw new MayflyError(ErrorCode.USAGE, `the ${what} file ${p} does not exist`);
   }
   if (req.user !== undefined && !/^[a-z_][a-z0-9_-]{0,31}$/.test(req.user)) {
     throw new MayflyError(ErrorCode.USAGE, `'${req.user}' is not a valid user name`, {

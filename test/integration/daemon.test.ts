@@ -93,7 +93,7 @@ describe('mayflyd', { timeout: 900_000 }, () => {
     assert.equal(r.code, 5, r.stderr);
     const [line, host] = r.stdout.trim().split('\n');
     assert.equal(line, 'from-pool');
-    assert.match(r.stderr, new RegExp(`machine ${host} \\(debian-12:\\d+\\) from the pool after 0\\.\\d\\d s`));
+    assert.match(r.stderr, new RegExp(`machine ${host} \\(debian-12:\\d+\\) from pool warm after 0\\.\\d\\d s`));
     await waitIdle(1);
     const p = (await pools())[0]!;
     assert.equal(p.leased, 0);

@@ -31,7 +31,7 @@ export function registerMachines(program: Command, context: ContextFactory): voi
       const ctx = context();
       process.exitCode = await withSignals(ctx, async (signal) => {
         const machine = await obtainJobMachine(ctx, o, `run: ${shellJoin(command).slice(0, 60)}`, signal);
-        ctx.log.info({ instance: machine.id, image: machine.image }, `machine ${machine.origin}`);
+        process.stderr.write(`mayfly: machine ${machine.id} (${machine.image}) ${machine.origin}\n`);
         return runCommand(machine, {
           argv: command,
           env: o.env,
