@@ -97,8 +97,9 @@ export class DaemonClient {
   }
 
   /** Server-sent events from `after` on; calls `onEvent` for each until the signal aborts. */
-  async follow(after: number, onEvent: (e: unknown) => void, signal?: AbortSignal): Promise<void> {
-    const res = await this.#open('GET', `/v1/events?follow=true&after=${after}`, undefined, undefined, signal);
+  async follow(after: number | undefined, onEvent: (e: unknown) => void, signal?: AbortSignal): Promise<void> {
+    const from = after === undefined ? 'last=10' : `after=${after}`;
+    const res = await this.#open('GET', `/v1/events?follow=true&${from}`, undefined, undefined, signal);
     let buf = '';
     try {
       for await (const chunk of res) {

@@ -198,9 +198,12 @@ export function buildApp(daemon: Daemon, opts: { token?: string } = {}): Fastify
     },
   );
 
-  app.get<{ Querystring: { after?: string; follow?: string } }>('/v1/events', async (req, reply) => {
-    const after = Number(req.query.after ?? 0) || 0;
-    const past = engine.state.events(after);
+  app.get<{ Querystring: { after?: string; last?: string; follow?: string } }>('/v1/events', async (req, reply) => {
+    // `after=ID`: everything after that event (up to 1000); otherwise the newest `last` (default 100).
+    const past =
+      req.query.after !== undefined
+        ? engine.state.events(Number(req.query.after) || 0)
+        : engine.state.recentEvents(Math.min(10_000, Number(req.query.last) || 100));
     if (req.query.follow === undefined || req.query.follow === 'false') return past;
     // Server-sent events: what happened since `after`, then everything as it happens.
     reply.hijack();

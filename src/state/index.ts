@@ -149,6 +149,8 @@ export interface StateStore {
   instancesUsingImage(name: string, version?: number): InstanceRecord[];
   addEvent(e: Omit<EventRecord, 'id'>): number;
   events(afterId?: number, limit?: number): EventRecord[];
+  /** The newest `n` events, oldest first. */
+  recentEvents(n: number): EventRecord[];
   insertLease(l: LeaseRecord): void;
   updateLease(id: string, patch: { state: LeaseState; releasedAt?: number }): void;
   listLeases(states?: readonly LeaseState[]): LeaseRecord[];
@@ -252,16 +254,11 @@ export class SqliteStateStore implements StateStore {
 
   /** Events after `afterId`, oldest first. */
   events(afterId = 0, limit = 1000): EventRecord[] {
-    const rows = this.#db.prepare('SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?').all(afterId, limit) as Row[];
-    return rows.map((r) => ({
-      id: Number(r.id),
-      at: Number(r.at),
-      type: String(r.type),
-      pool: r.pool === null ? null : String(r.pool),
-      instance: r.instance === null ? null : String(r.instance),
-      lease: r.lease === null ? null : String(r.lease),
-      data: JSON.parse(String(r.data)) as Record<string, unknown>,
-    }));
+    return (this.#db.prepare('SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?').all(afterId, limit) as Row[]).map(toEvent);
+  }
+
+  recentEvents(n: number): EventRecord[] {
+    return (this.#db.prepare('SELECT * FROM (SELECT * FROM events ORDER BY id DESC LIMIT ?) ORDER BY id').all(n) as Row[]).map(toEvent);
   }
 
   insertLease(l: LeaseRecord): void {
@@ -296,4 +293,16 @@ export class SqliteStateStore implements StateStore {
   close(): void {
     this.#db.close();
   }
+}
+
+function toEvent(r: Row): EventRecord {
+  return {
+    id: Number(r.id),
+    at: Number(r.at),
+    type: String(r.type),
+    pool: r.pool === null ? null : String(r.pool),
+    instance: r.instance === null ? null : String(r.instance),
+    lease: r.lease === null ? null : String(r.lease),
+    data: JSON.parse(String(r.data)) as Record<string, unknown>,
+  };
 }

@@ -110,12 +110,14 @@ export function registerDaemon(program: Command, context: ContextFactory): void 
     .command('events')
     .description("mayflyd's event log (queued, leased, ready, released, destroyed, …)")
     .option('--follow', 'keep printing events as they happen')
-    .option('--after <id>', 'only events after this id', (v) => Number(v), 0)
-    .action(async (o: { follow?: boolean; after: number }) => {
+    .option('--after <id>', 'the events after this id (default: the newest --last)', positiveInt('--after'))
+    .option('--last <n>', 'how many of the newest events', positiveInt('--last'), 100)
+    .action(async (o: { follow?: boolean; after?: number; last: number }) => {
       const c = await client(context);
       const print = (e: unknown) => process.stdout.write(JSON.stringify(e) + '\n');
       if (!o.follow) {
-        for (const e of await c.call<unknown[]>('GET', `/v1/events?after=${o.after}`)) print(e);
+        const query = o.after !== undefined ? `after=${o.after}` : `last=${o.last}`;
+        for (const e of await c.call<unknown[]>('GET', `/v1/events?${query}`)) print(e);
         return;
       }
       const ac = new AbortController();
