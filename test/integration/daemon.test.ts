@@ -162,6 +162,7 @@ describe('mayflyd', { timeout: 900_000 }, () => {
 
   test('kill -9 of mayflyd while two jobs run, then a restart: nothing is left', async () => {
     await waitIdle(1);
+    const t0 = Date.now();
     const jobs = [startMayfly(['--config', config, 'run', '--', 'sleep', '300']), startMayfly(['--config', config, 'run', '--', 'sleep', '300'])];
     const results = jobs.map(collect);
     const end = Date.now() + 180_000;
@@ -175,7 +176,9 @@ describe('mayflyd', { timeout: 900_000 }, () => {
 
     startDaemon();
     await waitFor(() => /reaped an orphaned machine/.test(daemonLog), 60_000, 'the reaper');
-    const leases = JSON.parse((await cli(['lease', 'ls', '--all', '--json'])).stdout) as { state: string }[];
+    const leases = (JSON.parse((await cli(['lease', 'ls', '--all', '--json'])).stdout) as { state: string; leasedAt: number }[]).filter(
+      (l) => l.leasedAt >= t0,
+    );
     assert.equal(leases.filter((l) => l.state === 'lost').length, 2, 'the two leases held when mayflyd died are marked lost');
     assert.equal(leases.filter((l) => l.state === 'leased').length, 0);
     // Everything that existed before the restart is gone; only the new pool machine may exist.
