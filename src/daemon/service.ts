@@ -1,7 +1,9 @@
 import { EventEmitter } from 'node:events';
+import { mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import type { Config } from '../config/index.ts';
 import type { MachineSize } from '../drivers/types.ts';
-import { errorText } from '../errors.ts';
+import { ErrorCode, MayflyError, errorText } from '../errors.ts';
 import type { Logger } from '../log.ts';
 import { Engine, Machine } from '../pool/index.ts';
 import { poolSpecs } from '../pool/policy.ts';
@@ -9,6 +11,7 @@ import { PoolManager, type CapacityGuard, type PoolEvent } from '../pool/pool.ts
 import { reap } from '../pool/reaper.ts';
 import { hostLimits } from '../pool/sizes.ts';
 import type { EventRecord } from '../state/index.ts';
+import { holderAlive } from '../util/proc.ts';
 import { Metrics } from './metrics.ts';
 
 // mayflyd's core, without HTTP: the engine, the warm pools, the reaper and the event log.
@@ -24,6 +27,29 @@ export function capacityGuard(config: Config): CapacityGuard {
       return cpus <= maxCpus && memory <= maxMemory;
     },
   };
+}
+
+/**
+ * One mayflyd per data dir: a pid file, refused while the process it names still runs (two
+ * daemons would reap each other's machines).
+ */
+export function lockDataDir(dataDir: string): () => void {
+  const file = join(dataDir, 'mayflyd.pid');
+  mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+  try {
+    const pid = Number(readFileSync(file, 'utf8').trim());
+    const since = statSync(file).mtimeMs;
+    if (pid && pid !== process.pid && holderAlive(pid, since)) {
+      throw new MayflyError(ErrorCode.USAGE, `another mayflyd (pid ${pid}) already runs on the data dir ${dataDir}`, {
+        hint: 'stop it first, or give this one another --data-dir',
+      });
+    }
+  } catch (e) {
+    if (e instanceof MayflyError) throw e;
+    // no pid file yet
+  }
+  writeFileSync(file, `${process.pid}\n`);
+  return () => rmSync(file, { force: true });
 }
 
 export class Daemon {

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -133,4 +133,26 @@ describe('mayflyd API', () => {
     assert.match(m.body, /^# TYPE mayfly_boot_seconds histogram$/m);
     assert.match(m.body, /^mayfly_instances\{pool="p",state="idle"\} 0$/m);
   });
+});
+
+test('one mayflyd per data dir: a live holder of the pid file refuses a second', async () => {
+  const { spawn } = await import('node:child_process');
+  const { writeFileSync, existsSync } = await import('node:fs');
+  const { lockDataDir } = await import('../../src/daemon/service.ts');
+  const d = mkdtempSync(join(tmpdir(), 'mayfly-lock-'));
+  const other = spawn('sleep', ['30'], { stdio: 'ignore' });
+  try {
+    await new Promise((r) => setTimeout(r, 100));
+    writeFileSync(join(d, 'mayflyd.pid'), `${other.pid}\n`);
+    assert.throws(() => lockDataDir(d), new RegExp(`another mayflyd \\(pid ${other.pid}\\) already runs on the data dir`));
+    other.kill();
+    await new Promise((r) => other.once('close', r));
+    const unlock = lockDataDir(d);
+    assert.equal(readFileSync(join(d, 'mayflyd.pid'), 'utf8'), `${process.pid}\n`);
+    unlock();
+    assert.equal(existsSync(join(d, 'mayflyd.pid')), false);
+  } finally {
+    other.kill();
+    rmSync(d, { recursive: true, force: true });
+  }
 });

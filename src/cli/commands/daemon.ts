@@ -1,7 +1,7 @@
 import type { Command } from 'commander';
 import { DaemonClient } from '../../daemon/client.ts';
 import { buildApp, listen } from '../../daemon/http.ts';
-import { Daemon } from '../../daemon/service.ts';
+import { Daemon, lockDataDir } from '../../daemon/service.ts';
 import { ErrorCode, MayflyError } from '../../errors.ts';
 import type { PoolStatus } from '../../pool/pool.ts';
 import { sizeLabel } from '../../pool/sizes.ts';
@@ -36,13 +36,19 @@ export function registerDaemon(program: Command, context: ContextFactory): void 
         process.on('SIGTERM', stop);
         process.on('SIGINT', stop);
       });
+      const unlock = lockDataDir(ctx.opts.dataDir);
       const daemon = new Daemon({ dataDir: ctx.opts.dataDir, config: ctx.config, log: ctx.log });
       const app = buildApp(daemon);
-      const server = await listen(app, daemon);
+      const server = await listen(app, daemon).catch(async (e: unknown) => {
+        await daemon.stop();
+        unlock();
+        throw e;
+      });
       ctx.log.info({ socket: server.socket, tcp: server.tcp, pools: daemon.pools.poolNames }, 'mayflyd listening');
       await Promise.race([daemon.start(), stopping]);
       ctx.log.info({ signal: await stopping }, 'mayflyd stopping');
       await daemon.stop(server.close);
+      unlock();
       ctx.log.info('mayflyd stopped');
     });
 
