@@ -1,3 +1,4 @@
+import { connect } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Readable, Writable } from 'node:stream';
 import ssh2 from 'ssh2';
@@ -173,6 +174,14 @@ export class GuestChannel {
       opts.signal?.throwIfAborted();
       const dead = opts.alive?.();
       if (dead) throw new MayflyError(ErrorCode.MACHINE_START_FAILED, dead);
+      // Cheap probes until sshd greets: a connection made while the guest's network is still
+      // down sits in slirp's SYN retransmits for seconds, so it is dropped after a second and
+      // made anew rather than waited on.
+      if (!(await sshBanner(ep.host, ep.port, 1000))) {
+        lastError = 'sshd does not answer yet';
+        await sleep(100, undefined, { signal: opts.signal }).catch(() => opts.signal!.throwIfAborted());
+        continue;
+      }
       let ch: GuestChannel | undefined;
       try {
         ch = await GuestChannel.connectOnce(ep, Math.min(10_000, Math.max(1000, deadline - Date.now())), opts.signal);
@@ -310,6 +319,27 @@ export class GuestChannel {
     this.#closed = true;
     this.#client.end();
   }
+}
+
+/** Whether an SSH server greets on host:port within `timeoutMs`. */
+function sshBanner(host: string, port: number, timeoutMs: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const sock = connect({ host, port });
+    let seen = '';
+    const done = (ok: boolean) => {
+      clearTimeout(timer);
+      sock.destroy();
+      resolve(ok);
+    };
+    const timer = setTimeout(() => done(false), timeoutMs);
+    sock.on('data', (d: Buffer) => {
+      seen += d.toString('latin1');
+      if (seen.startsWith('SSH-')) done(true);
+      else if (seen.length >= 4) done(false);
+    });
+    sock.on('error', () => done(false));
+    sock.on('close', () => done(false));
+  });
 }
 
 function pipeOut(stream: Readable, to: ExecOptions['stdout']): void {
