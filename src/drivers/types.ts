@@ -55,6 +55,8 @@ export interface Driver {
   deadReason(pid: number, dir: string): string | undefined;
   /** Stops the machine process; succeeds when it is already gone. */
   stop(pid: number | null, dir: string): Promise<void>;
+  /** Kills the machine process at once, synchronously (a last resort on exit). */
+  killNow(pid: number, dir: string): void;
   consoleTail(dir: string, lines: number): string;
   listHost(): HostMachine[];
 }

@@ -1,4 +1,3 @@
-import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Config } from '../config/index.ts';
 import { QemuDriver, type Driver, type MachineSize } from '../drivers/index.ts';
@@ -8,6 +7,7 @@ import type { Logger } from '../log.ts';
 import { openStateStore, type InstanceRecord, type StateStore } from '../state/index.ts';
 import { qcow2Overlay, type StorageBackend } from '../storage/index.ts';
 import { Machine, type MachineDeps } from './machine.ts';
+import { removeInstance } from './reaper.ts';
 import { checkSize, hostLimits } from './sizes.ts';
 
 export { Machine } from './machine.ts';
@@ -113,9 +113,7 @@ export class Engine {
     if (!rec) {
       throw new MayflyError(ErrorCode.INSTANCE_NOT_FOUND, `no instance '${id}'`, { hint: 'list them with: mayfly ps' });
     }
-    await this.driver.stop(rec.pid, rec.dir);
-    rmSync(rec.dir, { recursive: true, force: true });
-    this.state.deleteInstance(id);
+    await removeInstance(this, id, rec.pid, rec.dir);
   }
 
   close(): void {

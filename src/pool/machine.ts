@@ -1,4 +1,4 @@
-import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Driver, MachineSize, StartedMachine } from '../drivers/types.ts';
 import { ErrorCode, MayflyError, errorText } from '../errors.ts';
@@ -177,12 +177,7 @@ export class Machine {
    */
   static killAllNow(): void {
     for (const m of live) {
-      const pid = m.started?.pid;
-      try {
-        if (pid && readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(m.dir)) process.kill(pid, 'SIGKILL');
-      } catch {
-        // already gone
-      }
+      if (m.started?.pid) m.#deps.driver.killNow(m.started.pid, m.dir);
       rmSync(m.dir, { recursive: true, force: true });
     }
     live.clear();

@@ -17,14 +17,19 @@ export interface ReapResult {
   removed: { id: string; why: string }[];
 }
 
+/** Stops an instance's process and removes its files and record: the way out for anything no Machine object holds. */
+export async function removeInstance(deps: { state: StateStore; driver: Driver }, id: string, pid: number | null, dir: string): Promise<void> {
+  await deps.driver.stop(pid, dir);
+  rmSync(dir, { recursive: true, force: true });
+  deps.state.deleteInstance(id);
+}
+
 export async function reap(deps: { state: StateStore; driver: Driver; instancesDir: string; log: Logger }): Promise<ReapResult> {
   const { state, driver, instancesDir, log } = deps;
   const removed: ReapResult['removed'] = [];
   const remove = async (id: string, pid: number | null, dir: string, why: string) => {
     try {
-      await driver.stop(pid, dir);
-      rmSync(dir, { recursive: true, force: true });
-      state.deleteInstance(id);
+      await removeInstance(deps, id, pid, dir);
       removed.push({ id, why });
       log.warn({ instance: id, why }, 'reaped an orphaned machine');
     } catch (e) {

@@ -48,6 +48,7 @@ test('the reaper removes exactly what nothing explains', async () => {
         stopped.push(d.split('/').at(-1)!);
       },
       consoleTail: () => '',
+      killNow: () => {},
       listHost: () => host,
     };
 
@@ -94,6 +95,7 @@ test('a machine created while the reaper works is left alone', async () => {
         mkdirSync(join(instancesDir, 'vm-new'), { recursive: true });
       },
       consoleTail: () => '',
+      killNow: () => {},
       listHost: () => [],
     };
     const r = await reap({ state, driver, instancesDir, log: silentLogger });

@@ -5,6 +5,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { ErrorCode, MayflyError } from '../../errors.ts';
 import type { Logger } from '../../log.ts';
 import { lastLines, requireTool, run } from '../../util/exec.ts';
+import { processAlive } from '../../util/proc.ts';
 import type { Driver, HostMachine, StartSpec, StartedMachine } from '../types.ts';
 import { chooseAccel, type AccelSetting } from './accel.ts';
 import { writeNoCloudSeed } from './cloud-init.ts';
@@ -37,20 +38,6 @@ async function freePort(): Promise<number> {
 /** `quiet` saves ~2 s of slow serial output under TCG, but leaves an empty console when a boot hangs. */
 function kernelArgs(args: string, verbose = false): string {
   return verbose ? args.split(/\s+/).filter((a) => a !== 'quiet').join(' ') : args;
-}
-
-function procState(pid: number): string | undefined {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
-  } catch {
-    return undefined;
-  }
-}
-
-function isRunning(pid: number): boolean {
-  const s = procState(pid);
-  return s !== undefined && s !== 'Z' && s !== 'X';
 }
 
 export class QemuDriver implements Driver {
@@ -147,7 +134,7 @@ export class QemuDriver implements Driver {
   }
 
   deadReason(pid: number, dir: string): string | undefined {
-    if (isRunning(pid)) return undefined;
+    if (processAlive(pid)) return undefined;
     const tail = this.consoleTail(dir, 15);
     return `the QEMU process (pid ${pid}) exited during boot${tail ? `; last console lines:\n${tail}` : ''}`;
   }
@@ -161,21 +148,29 @@ export class QemuDriver implements Driver {
         pid = null;
       }
     }
-    if (pid !== null && isRunning(pid) && this.#isOurs(pid, dir)) {
+    if (pid !== null && processAlive(pid) && this.#isOurs(pid, dir)) {
       try {
         process.kill(pid, 'SIGTERM');
       } catch {
         // already gone
       }
-      for (let i = 0; i < 50 && isRunning(pid); i++) await sleep(100);
-      if (isRunning(pid)) {
+      for (let i = 0; i < 50 && processAlive(pid); i++) await sleep(100);
+      if (processAlive(pid)) {
         try {
           process.kill(pid, 'SIGKILL');
         } catch {
           // already gone
         }
-        for (let i = 0; i < 50 && isRunning(pid); i++) await sleep(100);
+        for (let i = 0; i < 50 && processAlive(pid); i++) await sleep(100);
       }
+    }
+  }
+
+  killNow(pid: number, dir: string): void {
+    try {
+      if (this.#isOurs(pid, dir)) process.kill(pid, 'SIGKILL');
+    } catch {
+      // already gone
     }
   }
 
@@ -210,7 +205,7 @@ export class QemuDriver implements Driver {
       }
       const i = argv.indexOf('-name');
       const name = i >= 0 ? argv[i + 1] : undefined;
-      if (!name?.startsWith(nameTag) || !isRunning(Number(p))) continue;
+      if (!name?.startsWith(nameTag) || !processAlive(Number(p))) continue;
       const pidfile = argv[argv.indexOf('-pidfile') + 1] ?? '';
       out.push({ id: name.slice(nameTag.length), pid: Number(p), dir: pidfile.replace(/\/qemu\.pid$/, '') });
     }
