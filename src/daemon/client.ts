@@ -51,14 +51,8 @@ export class DaemonClient {
   /** One JSON request; an error answer becomes the MayflyError the daemon described. */
   async call<T>(method: string, path: string, body?: unknown, timeoutMs?: number, signal?: AbortSignal): Promise<T> {
     const res = await this.#open(method, path, body, timeoutMs, signal);
-    const chunks: Buffer[] = [];
-    for await (const c of res) chunks.push(c as Buffer);
-    const text = Buffer.concat(chunks).toString('utf8');
-    const json = text ? (JSON.parse(text) as unknown) : undefined;
-    if ((res.statusCode ?? 500) >= 400) {
-      const e = json as { code?: string; message?: string; hint?: string } | undefined;
-      throw new MayflyError(e?.code ?? ErrorCode.DAEMON, e?.message ?? `mayflyd answered ${res.statusCode}`, { hint: e?.hint });
-    }
+    const json = await readJson(res);
+    if ((res.statusCode ?? 500) >= 400) throw daemonError(res, json);
     return json as T;
   }
 
@@ -69,12 +63,7 @@ export class DaemonClient {
     out: { stdout: (c: Buffer) => void; stderr: (c: Buffer) => void; signal?: AbortSignal },
   ): Promise<ExecResult> {
     const res = await this.#open('POST', `/v1/leases/${encodeURIComponent(leaseId)}/exec`, body, undefined, out.signal);
-    if ((res.statusCode ?? 500) >= 400) {
-      const chunks: Buffer[] = [];
-      for await (const c of res) chunks.push(c as Buffer);
-      const e = JSON.parse(Buffer.concat(chunks).toString('utf8') || '{}') as { code?: string; message?: string; hint?: string };
-      throw new MayflyError(e.code ?? ErrorCode.DAEMON, e.message ?? `mayflyd answered ${res.statusCode}`, { hint: e.hint });
-    }
+    if ((res.statusCode ?? 500) >= 400) throw daemonError(res, await readJson(res));
     let partial = '';
     let result: ExecResult | undefined;
     let failure: MayflyError | undefined;
@@ -116,4 +105,17 @@ export class DaemonClient {
       if (!signal?.aborted) throw e;
     }
   }
+}
+
+async function readJson(res: IncomingMessage): Promise<unknown> {
+  const chunks: Buffer[] = [];
+  for await (const c of res) chunks.push(c as Buffer);
+  const text = Buffer.concat(chunks).toString('utf8');
+  return text ? (JSON.parse(text) as unknown) : undefined;
+}
+
+/** The MayflyError a daemon's error answer describes ({code, message, hint}). */
+function daemonError(res: IncomingMessage, json: unknown): MayflyError {
+  const e = json as { code?: string; message?: string; hint?: string } | undefined;
+  return new MayflyError(e?.code ?? ErrorCode.DAEMON, e?.message ?? `mayflyd answered ${res.statusCode}`, { hint: e?.hint });
 }

@@ -99,7 +99,6 @@ class PoolState<M> {
   lastError: string | null = null;
   /** The host capacity guard refused the last creation this pool wanted. */
   capacityBlocked = false;
-  created = 0;
   constructor(spec: PoolSpec) {
     this.spec = spec;
   }
@@ -245,7 +244,7 @@ export class PoolManager<M extends PooledMachine> {
     return undefined;
   }
 
-  /** Every machine the pools account for (idle and leased), for the reaper. */
+  /** Every machine the pools account for (idle and leased). */
   machines(): M[] {
     return [...this.#pools.values()].flatMap((p) => [...p.idle.map((i) => i.machine), ...[...p.leased.values()].map((l) => l.machine)]);
   }
@@ -339,7 +338,6 @@ export class PoolManager<M extends PooledMachine> {
       p.creating--;
       p.failures = 0;
       p.lastError = null;
-      p.created++;
       if (this.#stopping.signal.aborted) {
         await m.destroy().catch(() => {});
         return;
