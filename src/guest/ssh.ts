@@ -5,6 +5,7 @@ import ssh2 from 'ssh2';
 import type { ClientChannel, ConnectConfig, SFTPWrapper } from 'ssh2';
 import { ErrorCode, MayflyError, errorText } from '../errors.ts';
 import { isValidEnvName, shellJoin, shellQuote } from '../util/shell.ts';
+import { generateEd25519 } from './keys.ts';
 
 const { Client, utils } = ssh2;
 
@@ -360,6 +361,5 @@ function parsePublicKey(openssh: string): Buffer {
 
 /** A fresh ed25519 key pair in OpenSSH formats (made on the host: key generation in a TCG guest takes seconds). */
 export function generateKeyPair(comment: string): { privateKey: string; publicKey: string } {
-  const kp = utils.generateKeyPairSync('ed25519', { comment });
-  return { privateKey: kp.private, publicKey: kp.public };
+  return generateEd25519(comment);
 }
