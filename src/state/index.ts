@@ -48,6 +48,24 @@ export interface LeaseRecord {
   releasedAt: number | null;
 }
 
+/**
+ * A job of an integration whose stages are separate processes (GitLab's prepare, run, cleanup):
+ * which machine serves it, until when. While the record lives and has not expired, the machine
+ * belongs to the job even though no mayfly process holds it.
+ */
+export interface JobRecord {
+  /** e.g. "gitlab/<runner short token>/<job id>". */
+  key: string;
+  integration: string;
+  /** A machine booted for the job (no daemon), or the daemon's machine behind `lease`. */
+  instance: string | null;
+  /** mayflyd's lease id when the machine came from a pool. */
+  lease: string | null;
+  createdAt: number;
+  expiresAt: number;
+  data: Record<string, string>;
+}
+
 export interface EventRecord {
   id: number;
   at: number;
@@ -103,6 +121,15 @@ const migrations: string[] = [
      released_at INTEGER
    );
    CREATE INDEX leases_state ON leases (state);`,
+  `CREATE TABLE jobs (
+     key TEXT PRIMARY KEY,
+     integration TEXT NOT NULL,
+     instance TEXT,
+     lease TEXT,
+     created_at INTEGER NOT NULL,
+     expires_at INTEGER NOT NULL,
+     data TEXT NOT NULL
+   );`,
 ];
 
 /** The schema version a store has once opened (SQLite's user_version). */
@@ -154,11 +181,40 @@ export interface StateStore {
   insertLease(l: LeaseRecord): void;
   updateLease(id: string, patch: { state: LeaseState; releasedAt?: number }): void;
   listLeases(states?: readonly LeaseState[]): LeaseRecord[];
+  /** Inserts or replaces the job's record. */
+  putJob(j: JobRecord): void;
+  getJob(key: string): JobRecord | undefined;
+  deleteJob(key: string): void;
+  listJobs(): JobRecord[];
   close(): void;
 }
 
 export function openStateStore(path: string): StateStore {
   return new SqliteStateStore(path);
+}
+
+/**
+ * Opens the database in WAL mode and runs `init`. When several processes open a fresh database
+ * at once, SQLite can answer "database is locked" at once instead of waiting (switching the
+ * journal mode, or a lock upgrade it refuses to wait for to avoid a deadlock), so a busy answer
+ * is retried from the start for up to 15 s.
+ */
+function openWithRetry(path: string, init: (db: DatabaseSync) => void): DatabaseSync {
+  const deadline = Date.now() + 15_000;
+  const pause = new Int32Array(new SharedArrayBuffer(4));
+  for (;;) {
+    const db = new DatabaseSync(path);
+    try {
+      // busy_timeout first: switching to WAL takes a lock that other openers must wait for.
+      db.exec('PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON;');
+      init(db);
+      return db;
+    } catch (e) {
+      db.close();
+      if (!/locked|busy/i.test(errorText(e)) || Date.now() > deadline) throw e;
+      Atomics.wait(pause, 0, 0, 20 + Math.random() * 80);
+    }
+  }
 }
 
 export class SqliteStateStore implements StateStore {
@@ -169,10 +225,10 @@ export class SqliteStateStore implements StateStore {
     this.path = path;
     try {
       mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
-      this.#db = new DatabaseSync(path);
-      // busy_timeout first: switching to WAL takes a lock that other openers must wait for.
-      this.#db.exec('PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON;');
-      this.#migrate();
+      this.#db = openWithRetry(path, (db) => {
+        this.#db = db;
+        this.#migrate();
+      });
     } catch (e) {
       throw new MayflyError(ErrorCode.STATE, `cannot open the state database ${path}: ${errorText(e)}`, {
         hint: 'check that the data dir is writable (mayfly needs root), or pass another --data-dir',
@@ -290,9 +346,41 @@ export class SqliteStateStore implements StateStore {
     }));
   }
 
+  putJob(j: JobRecord): void {
+    this.#db.prepare('DELETE FROM jobs WHERE key = ?').run(j.key);
+    this.#db
+      .prepare('INSERT INTO jobs (key, integration, instance, lease, created_at, expires_at, data) VALUES (?, ?, ?, ?, ?, ?, ?)')
+      .run(j.key, j.integration, j.instance, j.lease, j.createdAt, j.expiresAt, JSON.stringify(j.data));
+  }
+
+  getJob(key: string): JobRecord | undefined {
+    const r = this.#db.prepare('SELECT * FROM jobs WHERE key = ?').get(key) as Row | undefined;
+    return r ? toJob(r) : undefined;
+  }
+
+  deleteJob(key: string): void {
+    this.#db.prepare('DELETE FROM jobs WHERE key = ?').run(key);
+  }
+
+  listJobs(): JobRecord[] {
+    return (this.#db.prepare('SELECT * FROM jobs ORDER BY created_at').all() as Row[]).map(toJob);
+  }
+
   close(): void {
     this.#db.close();
   }
+}
+
+function toJob(r: Row): JobRecord {
+  return {
+    key: String(r.key),
+    integration: String(r.integration),
+    instance: r.instance === null ? null : String(r.instance),
+    lease: r.lease === null ? null : String(r.lease),
+    createdAt: Number(r.created_at),
+    expiresAt: Number(r.expires_at),
+    data: JSON.parse(String(r.data)) as Record<string, string>,
+  };
 }
 
 function toEvent(r: Row): EventRecord {
