@@ -1,4 +1,5 @@
 import { loadConfig, type Config } from '../config/index.ts';
+import type { LevelWithSilent } from 'pino';
 import { createLogger, type Logger } from '../log.ts';
 import { Engine } from '../pool/index.ts';
 
@@ -20,9 +21,15 @@ export interface Context {
   close(): void;
 }
 
-export function createContext(opts: GlobalOptions): Context {
+/** How a command wants mayfly's own log: GitLab's job log wants few, readable lines. */
+export interface LogChoice {
+  level?: LevelWithSilent;
+  human?: boolean;
+}
+
+export function createContext(opts: GlobalOptions, logChoice: LogChoice = {}): Context {
   const config = loadConfig(opts.config);
-  const log = createLogger({ level: opts.debug ? 'debug' : config.log.level });
+  const log = createLogger({ level: opts.debug ? 'debug' : (logChoice.level ?? config.log.level), json: logChoice.human ? false : undefined });
   let engine: Engine | undefined;
   return {
     opts,

@@ -3,14 +3,16 @@ import { ErrorCode, MayflyError } from '../errors.ts';
 import { EXIT_USAGE, reportError } from './report.ts';
 import { isValidEnvName } from '../util/shell.ts';
 import { version } from '../version.ts';
-import { createContext, defaultDataDir, type Context, type GlobalOptions } from './context.ts';
+import { createContext, defaultDataDir, type Context, type GlobalOptions, type LogChoice } from './context.ts';
+import { registerGitlab } from './commands/gitlab.ts';
 import { registerDaemon } from './commands/daemon.ts';
 import { registerExec } from './commands/exec.ts';
 import { registerImage } from './commands/image.ts';
 import { registerLicenses } from './commands/licenses.ts';
 import { registerMachines } from './commands/machines.ts';
 
-export type ContextFactory = () => Context;
+/** The context, made on first use; the first caller's log choice wins. */
+export type ContextFactory = (log?: LogChoice) => Context;
 
 export function buildProgram(): Command {
   const program = new Command('mayfly')
@@ -24,11 +26,12 @@ export function buildProgram(): Command {
     .showHelpAfterError('(run mayfly help for usage)');
 
   let ctx: Context | undefined;
-  const context: ContextFactory = () => (ctx ??= createContext(program.opts<GlobalOptions>()));
+  const context: ContextFactory = (log) => (ctx ??= createContext(program.opts<GlobalOptions>(), log));
   registerMachines(program, context);
   registerExec(program, context);
   registerImage(program, context);
   registerDaemon(program, context);
+  registerGitlab(program, context);
   registerLicenses(program);
   program.hook('postAction', () => ctx?.close());
   return program;

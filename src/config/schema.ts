@@ -16,6 +16,11 @@ const imageName = z.string().regex(IMAGE_NAME, {
   error: 'must be an image name: 1 to 63 characters of a-z, 0-9, ".", "_" or "-", starting with a letter or digit',
 });
 
+// NAME or NAME:VERSION
+const imageRef = z.string().regex(/^[a-z0-9][a-z0-9._-]{0,62}(:\d+)?$/, {
+  error: 'must be a mayfly image: NAME or NAME:VERSION (e.g. "debian-12" or "debian-12:3")',
+});
+
 // A duration: whole seconds, or a string such as "90s", "20m", "1h30m".
 const duration = z.union([
   z.int().min(0),
@@ -115,6 +120,21 @@ export const configSections = {
     delete_instances_on_shutdown: z.boolean().default(true),
   }),
   pool: z.array(poolSchema).default([]),
+  /** `mayfly gitlab …`: GitLab Runner's custom executor. */
+  gitlab: section({
+    builds_dir: z.string().refine((p) => isAbsolute(p), 'must be an absolute path in the machine').default('/builds'),
+    cache_dir: z.string().refine((p) => isAbsolute(p), 'must be an absolute path in the machine').default('/cache'),
+    /** Image for jobs that name none; empty: [defaults] image. */
+    default_image: z.union([z.literal(''), imageRef]).default(''),
+    /** mayflyd pool for every job; empty: a pool serving the job's image and size, else a machine booted for the job. */
+    pool: z.string().default(''),
+    /** A job's `image:` (CI_JOB_IMAGE) → mayfly image (NAME or NAME:VERSION). */
+    images: z.record(z.string().min(1), imageRef).default({}),
+    /** The job variable that picks a size (a size name or a label like 4cpu8gb50gb). */
+    size_variable: z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'must be a variable name').default('MAYFLY_SIZE'),
+    /** Seconds between SIGTERM and SIGKILL to a cancelled stage's processes in the machine. */
+    kill_grace: int(0, 600, 10),
+  }),
 };
 
 export const ConfigSchema = z.strictObject(configSections);

@@ -153,6 +153,22 @@ export function buildApp(daemon: Daemon, opts: { token?: string } = {}): Fastify
     },
   );
 
+  // Only `holder_pid: null` for now: the lease outlives the process that took it.
+  app.patch<{ Params: { id: string }; Body: { holder_pid: null } }>(
+    '/v1/leases/:id',
+    {
+      schema: {
+        body: { type: 'object', additionalProperties: false, required: ['holder_pid'], properties: { holder_pid: { type: 'null' } } },
+        response: { 400: errorSchema },
+      },
+    },
+    async (req) => {
+      daemon.pools.detach(req.params.id);
+      const l = daemon.pools.lease(req.params.id)!;
+      return { id: l.id, holder_pid: null, deadline: l.deadline };
+    },
+  );
+
   app.delete<{ Params: { id: string } }>('/v1/leases/:id', async (req, reply) => {
     const expired = daemon.pools.isExpired(req.params.id);
     await daemon.pools.release(req.params.id);

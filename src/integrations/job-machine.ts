@@ -3,7 +3,7 @@ import type { DaemonClient } from '../daemon/client.ts';
 import type { MachineSize } from '../drivers/index.ts';
 import { ErrorCode, MayflyError } from '../errors.ts';
 import type { ExecResult } from '../guest/index.ts';
-import type { Engine, Lease } from '../pool/index.ts';
+import type { AttachedMachine, Engine, Lease } from '../pool/index.ts';
 
 // What an integration needs from a machine for one job, whether it was booted in this
 // process or leased from mayflyd's warm pool: run commands (with input, output and
@@ -28,6 +28,8 @@ export interface JobMachine {
   readonly origin: string;
   exec(argv: readonly string[], opts?: JobExecOptions): Promise<ExecResult>;
   release(): Promise<void>;
+  /** Closes this process's connections and leaves the machine running (for another process to use). */
+  disconnect?(): void;
   /** The underlying local lease, when there is one (run --keep). */
   readonly local?: Lease;
 }
@@ -41,7 +43,11 @@ export interface JobMachineRequest {
 
 /** A fresh machine booted by this process. */
 export async function bootJobMachine(engine: Engine, req: JobMachineRequest): Promise<JobMachine> {
-  const lease = await engine.lease({ image: req.image, size: req.size, owner: req.owner, signal: req.signal });
+  return localJobMachine(await engine.lease({ image: req.image, size: req.size, owner: req.owner, signal: req.signal }));
+}
+
+/** A machine this process holds through an engine lease. */
+export function localJobMachine(lease: Lease): JobMachine {
   const m = lease.machine;
   return {
     id: m.id,
@@ -75,25 +81,51 @@ async function readAll(stdin: Buffer | Readable | undefined): Promise<Buffer | u
   return Buffer.concat(chunks);
 }
 
+/** mayflyd's answer to a lease request. */
+export interface DaemonLease {
+  id: string;
+  pool: string;
+  waited_ms: number;
+  deadline: number | null;
+  instance: { id: string; image: string; cpus: number; memory: number; disk: number };
+}
+
+export interface DaemonLeaseRequest {
+  pool?: string;
+  image?: string;
+  sizeLabel?: string;
+  owner: string;
+  job?: Record<string, string>;
+  /** Seconds; mayflyd kills the machine after this (the pool's max_runtime is the ceiling). */
+  maxRuntime?: number;
+  signal?: AbortSignal;
+}
+
 /** A ready machine from one of mayflyd's pools; commands run on the daemon's open connection. */
-export async function leaseJobMachine(
-  client: DaemonClient,
-  req: { pool?: string; image?: string; sizeLabel?: string; owner: string; signal?: AbortSignal },
-): Promise<JobMachine> {
-  const lease = await client.call<{ id: string; pool: string; waited_ms: number; instance: { id: string; image: string } }>(
+export async function leaseJobMachine(client: DaemonClient, req: DaemonLeaseRequest): Promise<JobMachine & { lease: DaemonLease }> {
+  const lease = await client.call<DaemonLease>(
     'POST',
     '/v1/leases',
     {
       pool: req.pool,
       image: req.pool ? undefined : req.image,
       size: req.pool ? undefined : req.sizeLabel,
-      job: { name: req.owner },
+      job: { name: req.owner, ...req.job },
+      max_runtime: req.maxRuntime,
       // If this process dies without releasing, mayflyd releases the lease for it.
       holder_pid: process.pid,
     },
     undefined,
     req.signal,
   );
+  return { ...daemonLeaseMachine(client, lease), lease };
+}
+
+/** A machine behind a lease mayflyd granted, possibly to another process (a GitLab job's prepare). */
+export function daemonLeaseMachine(
+  client: DaemonClient,
+  lease: Pick<DaemonLease, 'id' | 'pool' | 'waited_ms'> & { instance: { id: string; image: string } },
+): JobMachine {
   return {
     id: lease.instance.id,
     image: lease.instance.image,
@@ -109,5 +141,28 @@ export async function leaseJobMachine(
     release: async () => {
       await client.call('DELETE', `/v1/leases/${encodeURIComponent(lease.id)}`);
     },
+  };
+}
+
+/**
+ * A machine another process booted and handed over (a GitLab job's prepare); each command runs
+ * on a connection this process opens. Releasing it destroys it.
+ */
+export function attachedJobMachine(engine: Engine, m: AttachedMachine): JobMachine {
+  return {
+    id: m.record.id,
+    image: `${m.image.name}:${m.image.version}`,
+    origin: 'booted for this job',
+    async exec(argv, o = {}) {
+      const dead = m.deadReason();
+      if (dead) throw new MayflyError(ErrorCode.GUEST_CHANNEL, `machine ${m.record.id} is gone: ${dead}`);
+      const ch = await m.channel(o.root ? 'root' : m.image.user);
+      return ch.exec(argv, { env: o.env, cwd: o.cwd, stdin: o.stdin, stdout: o.stdout, stderr: o.stderr, signal: o.signal });
+    },
+    async release() {
+      m.close();
+      await engine.destroyInstance(m.record.id);
+    },
+    disconnect: () => m.close(),
   };
 }

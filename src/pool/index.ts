@@ -6,11 +6,13 @@ import { ImageStore } from '../images/store.ts';
 import type { Logger } from '../log.ts';
 import { openStateStore, type InstanceRecord, type StateStore } from '../state/index.ts';
 import { qcow2Overlay, type StorageBackend } from '../storage/index.ts';
+import { attachInstance, type AttachedMachine } from './attached.ts';
 import { Machine, type MachineDeps } from './machine.ts';
 import { removeInstance } from './reaper.ts';
 import { checkSize, hostLimits } from './sizes.ts';
 
 export { Machine } from './machine.ts';
+export type { AttachedMachine } from './attached.ts';
 
 // The engine: everything under the integrations, as one library. Today a lease boots a machine
 // on demand and release destroys it; the warm pool (mayflyd) hands out ready ones instead.
@@ -105,6 +107,21 @@ export class Engine {
       ...r,
       running: r.pid !== null && this.driver.deadReason(r.pid, r.dir) === undefined,
     }));
+  }
+
+  /** Reaches a running machine that another mayfly process handed over (Machine.handOver). */
+  attach(id: string): AttachedMachine {
+    const rec = this.state.getInstance(id);
+    if (!rec) {
+      throw new MayflyError(ErrorCode.INSTANCE_NOT_FOUND, `no instance '${id}'`, { hint: 'it was removed (mayfly rm, the reaper, or a cleanup)' });
+    }
+    const image = this.images.get(rec.imageName, rec.imageVersion);
+    if (!image) {
+      throw new MayflyError(ErrorCode.IMAGE_NOT_FOUND, `instance ${id} runs image ${rec.imageName}:${rec.imageVersion}, which is gone`, {
+        hint: 'an image in use should not be removed; remove the instance with: mayfly rm ' + id,
+      });
+    }
+    return attachInstance(rec, image, () => (rec.pid === null ? 'it never started' : this.driver.deadReason(rec.pid, rec.dir)));
   }
 
   /** Destroys an instance from its record (e.g. one kept with --keep, or left by a crash). */

@@ -166,6 +166,15 @@ export class Machine {
     this.disconnect();
   }
 
+  /**
+   * Leaves the running machine to a job record (GitLab's later stages run in other processes):
+   * no process holds it any more; the record's expiry bounds it.
+   */
+  handOver(owner: string): void {
+    this.#deps.state.updateInstance(this.id, { state: 'leased', owner, holderPid: null });
+    this.disconnect();
+  }
+
   /** Ids of the machines this process manages right now (creating, ready, leased). */
   static liveIds(): Set<string> {
     return new Set([...live].map((m) => m.id));

@@ -236,6 +236,16 @@ export class PoolManager<M extends PooledMachine> {
     throw new MayflyError(ErrorCode.LEASE_NOT_FOUND, `no lease '${leaseId}'`, { hint: 'it may have been released already or expired' });
   }
 
+  /**
+   * The lease no longer belongs to the process that asked for it (a GitLab job whose stages are
+   * separate processes); its deadline still bounds it.
+   */
+  detach(leaseId: string): void {
+    const l = this.lease(leaseId);
+    if (!l) throw new MayflyError(ErrorCode.LEASE_NOT_FOUND, `no lease '${leaseId}'`, { hint: 'it may have been released already or expired' });
+    l.holderPid = null;
+  }
+
   lease(leaseId: string): PoolLease<M> | undefined {
     for (const p of this.#pools.values()) {
       const l = p.leased.get(leaseId);

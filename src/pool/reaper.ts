@@ -10,7 +10,8 @@ import { Machine } from './machine.ts';
 // The reaper: compares what exists on the host (machine processes, instance dirs with clones,
 // keys, sockets, console logs) with the state store, and removes whatever nothing explains.
 // A machine is explained while this process manages it, while another live mayfly process
-// does (a `mayfly run` next to the daemon), or when a user kept it (`run --keep`).
+// does (a `mayfly run` next to the daemon), while a job record holds it (GitLab's stages are
+// separate processes) and has not expired, or when a user kept it (`run --keep`).
 
 export interface ReapResult {
   /** Instances removed, each with why. */
@@ -45,6 +46,8 @@ export async function reap(deps: { state: StateStore; driver: Driver; instancesD
     const rec = state.getInstance(id);
     if (!rec) return false;
     if (rec.state === 'kept') return true;
+    // A machine serving a multi-process job (GitLab's stages) until the job's record expires.
+    if (state.listJobs().some((j) => j.instance === id && j.expiresAt > Date.now())) return true;
     return rec.holderPid !== null && rec.holderPid !== process.pid && holderAlive(rec.holderPid, rec.createdAt);
   };
 
@@ -63,6 +66,14 @@ export async function reap(deps: { state: StateStore; driver: Driver; instancesD
     for (const id of readdirSync(instancesDir)) {
       if (state.getInstance(id) || explained(id)) continue;
       await remove(id, null, join(instancesDir, id), 'files with no record');
+    }
+  }
+  // Records of jobs that ran past their expiry and whose machine is gone: a runner that crashed
+  // never called cleanup.
+  for (const j of state.listJobs()) {
+    if (j.expiresAt <= Date.now() && (!j.instance || !state.getInstance(j.instance))) {
+      state.deleteJob(j.key);
+      log.warn({ job: j.key }, 'dropped the record of an expired job that was never cleaned up');
     }
   }
   return { removed };

@@ -69,7 +69,7 @@ describe('noCloudDocuments', () => {
   test('hostname and the /builds workspace for the user', () => {
     const doc = parse(userData) as { hostname: string; runcmd: string[][] };
     assert.equal(doc.hostname, 'vm-abcdefghij');
-    assert.deepEqual(doc.runcmd, [['sh', '-c', 'mkdir -p /builds && chown ci: /builds']]);
+    assert.deepEqual(doc.runcmd, [['sh', '-c', 'mkdir -p /builds /cache && chown ci: /builds /cache']]);
   });
 
   test('the user name given is the one used', () => {
@@ -78,7 +78,7 @@ describe('noCloudDocuments', () => {
       doc.users.map((u) => u.name),
       ['root', 'builder'],
     );
-    assert.deepEqual(doc.runcmd, [['sh', '-c', 'mkdir -p /builds && chown builder: /builds']]);
+    assert.deepEqual(doc.runcmd, [['sh', '-c', 'mkdir -p /builds /cache && chown builder: /builds /cache']]);
   });
 
   test('meta-data has the instance id and hostname, and nothing else', () => {

@@ -36,6 +36,7 @@ const DEFAULTS: Config = {
     delete_instances_on_shutdown: true,
   },
   pool: [],
+  gitlab: { builds_dir: '/builds', cache_dir: '/cache', default_image: '', pool: '', images: {}, size_variable: 'MAYFLY_SIZE', kill_grace: 10 },
 };
 
 // A schema with an array of tables and a required key, which the main config has neither of.
@@ -138,7 +139,7 @@ describe('config validation messages', () => {
   test('unknown table header at top level', () => {
     assert.equal(
       check('[log]\nlevel = "info"\n\n[server]\nport = 1\n'),
-      "c.toml:4: server: unknown key 'server' (valid keys here: defaults, qemu, images, log, sizes, capacity, daemon, pool)",
+      "c.toml:4: server: unknown key 'server' (valid keys here: defaults, qemu, images, log, sizes, capacity, daemon, pool, gitlab)",
     );
   });
 

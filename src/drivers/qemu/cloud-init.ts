@@ -34,7 +34,7 @@ export function noCloudDocuments(identity: MachineIdentity, user: string): { met
           ssh_authorized_keys: [identity.authorizedKey],
         },
       ],
-      runcmd: [['sh', '-c', 'mkdir -p /builds && chown ' + user + ': /builds']],
+      runcmd: [['sh', '-c', 'mkdir -p /builds /cache && chown ' + user + ': /builds /cache']],
     }, yaml11);
   return { metaData, userData };
 }

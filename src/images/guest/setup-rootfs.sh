@@ -16,8 +16,9 @@ if [ -d /etc/sudoers.d ]; then
   echo 'ci ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/90-mayfly-ci
   chmod 0440 /etc/sudoers.d/90-mayfly-ci
 fi
-mkdir -p /builds
-chown ci:ci /builds
+# The job workspace and GitLab's cache_dir (mayfly gitlab's defaults).
+mkdir -p /builds /cache
+chown ci:ci /builds /cache
 
 mkdir -p /etc/ssh/sshd_config.d
 cat > /etc/ssh/sshd_config.d/mayfly.conf <<'CONF'

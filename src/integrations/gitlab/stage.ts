@@ -1,0 +1,94 @@
+import { setTimeout as sleep } from 'node:timers/promises';
+import { errorText } from '../../errors.ts';
+import type { ExecResult } from '../../guest/index.ts';
+import type { Logger } from '../../log.ts';
+import type { JobMachine } from '../job-machine.ts';
+
+// One stage script of a GitLab job, run in the job's machine. The runner's script is fed to
+// bash on stdin (its body never reads stdin: the envelope runs it `< /dev/null`). The stage runs
+// in a session of its own whose id is written to a file, so that a cancelled job can end every
+// process the stage started — background ones and those run through sudo included — with a
+// sweep of /proc run as root, not only the shell the SSH channel knows about.
+
+const sessionFile = '/tmp/.mayfly-stage.sid';
+
+export const stageArgv: readonly string[] = ['setsid', '--wait', 'bash', '-c', `echo $$ > ${sessionFile}; exec bash`, 'mayfly-stage'];
+
+// Signals every process of the recorded session and prints how many there were. Plain bash and
+// /proc only: imported images need not have procps. In /proc/PID/stat the fields after the
+// command name ("...) ") are state, ppid, pgrp, session.
+const sweepScript = `sig=$1 file=$2
+sid=$(cat "$file" 2>/dev/null) || { echo 0; exit 0; }
+case $sid in ''|*[!0-9]*) echo 0; exit 0;; esac
+n=0
+for st in /proc/[0-9]*/stat; do
+  read -r line < "$st" 2>/dev/null || continue
+  set -- \${line##*) }
+  if [ "$4" = "$sid" ]; then
+    p=\${st#/proc/}; p=\${p%/stat}
+    kill -s "$sig" "$p" 2>/dev/null && n=$((n + 1))
+  fi
+done
+echo $n`;
+
+export function sweepArgv(signal: 'TERM' | 'KILL'): string[] {
+  return ['bash', '-c', sweepScript, 'mayfly-sweep', signal, sessionFile];
+}
+
+export interface StageOptions {
+  stdout: (c: Buffer) => void;
+  stderr: (c: Buffer) => void;
+  /** Aborted when the runner cancels the stage (SIGTERM). */
+  signal: AbortSignal;
+  /** How long the stage's processes get between SIGTERM and SIGKILL. */
+  killGraceMs: number;
+  log: Logger;
+}
+
+export interface StageOutcome {
+  /** The script's exit, when it ended on its own or through the signals sent on cancel. */
+  result: ExecResult | undefined;
+  cancelled: boolean;
+}
+
+export async function runStage(m: JobMachine, script: Buffer, o: StageOptions): Promise<StageOutcome> {
+  // Ends the SSH channel itself only when the stage does not end after SIGKILL.
+  const hangUp = new AbortController();
+  const main = m.exec(stageArgv, { stdin: script, stdout: o.stdout, stderr: o.stderr, signal: hangUp.signal });
+  const ended = main.then(
+    () => true,
+    () => true,
+  );
+  const sweep = async (sig: 'TERM' | 'KILL'): Promise<void> => {
+    let out = '';
+    try {
+      await m.exec(sweepArgv(sig), { root: true, stdout: (c) => (out += c.toString()) });
+      o.log.info({ machine: m.id, signal: sig, processes: Number(out.trim()) || 0 }, 'signalled the cancelled stage\'s processes');
+    } catch (e) {
+      o.log.warn({ machine: m.id, signal: sig, err: errorText(e) }, 'could not signal the cancelled stage\'s processes');
+    }
+  };
+  const cancel = async (): Promise<void> => {
+    await sweep('TERM');
+    if (await Promise.race([ended, sleep(o.killGraceMs).then(() => false)])) return;
+    await sweep('KILL');
+    if (await Promise.race([ended, sleep(3000).then(() => false)])) return;
+    hangUp.abort(new Error('the stage did not end after SIGKILL'));
+  };
+  let cancelling: Promise<void> | undefined;
+  const onAbort = () => {
+    cancelling ??= cancel();
+  };
+  if (o.signal.aborted) onAbort();
+  else o.signal.addEventListener('abort', onAbort, { once: true });
+  try {
+    const result = await main;
+    return { result, cancelled: o.signal.aborted };
+  } catch (e) {
+    if (o.signal.aborted) return { result: undefined, cancelled: true };
+    throw e;
+  } finally {
+    o.signal.removeEventListener('abort', onAbort);
+    await cancelling;
+  }
+}
