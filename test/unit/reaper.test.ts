@@ -33,6 +33,13 @@ test('the reaper removes exactly what nothing explains', async () => {
     rec('vm-reused-pid', { createdAt: now - 3_600_000 }); // its holder's pid now belongs to a newer process
     rec('vm-dead-holder', { holderPid: 2 ** 22 + 7 });
     rec('vm-kept', { state: 'kept', holderPid: null });
+    // GitLab jobs: a machine handed over to a job record (no holder) lives until the record expires.
+    rec('vm-job', { holderPid: null });
+    rec('vm-job-expired', { holderPid: null });
+    const job = { integration: 'gitlab', lease: null, createdAt: now, data: {} };
+    state.putJob({ ...job, key: 'gitlab/t/1', instance: 'vm-job', expiresAt: now + 60_000 });
+    state.putJob({ ...job, key: 'gitlab/t/2', instance: 'vm-job-expired', expiresAt: now - 1 });
+    state.putJob({ ...job, key: 'gitlab/t/3', instance: 'vm-never-made', expiresAt: now - 1 });
     mkdirSync(join(instancesDir, 'vm-stray-files'));
 
     const stopped: string[] = [];
@@ -53,9 +60,12 @@ test('the reaper removes exactly what nothing explains', async () => {
     };
 
     const r = await reap({ state, driver, instancesDir, log: silentLogger });
-    assert.deepEqual(r.removed.map((x) => x.id).sort(), ['vm-dead-holder', 'vm-reused-pid', 'vm-stray-files', 'vm-unrecorded']);
-    assert.deepEqual(stopped.sort(), ['vm-dead-holder', 'vm-reused-pid', 'vm-stray-files', 'vm-unrecorded']);
-    assert.deepEqual(state.listInstances().map((i) => i.id).sort(), ['vm-held', 'vm-kept']);
+    const gone = ['vm-dead-holder', 'vm-job-expired', 'vm-reused-pid', 'vm-stray-files', 'vm-unrecorded'];
+    assert.deepEqual(r.removed.map((x) => x.id).sort(), gone);
+    assert.deepEqual(stopped.sort(), gone);
+    assert.deepEqual(state.listInstances().map((i) => i.id).sort(), ['vm-held', 'vm-job', 'vm-kept']);
+    // Expired job records go with their machines; the live one stays.
+    assert.deepEqual(state.listJobs().map((j) => j.key), ['gitlab/t/1']);
     assert.equal(existsSync(join(instancesDir, 'vm-held')), true);
     assert.equal(existsSync(join(instancesDir, 'vm-dead-holder')), false);
     assert.equal(existsSync(join(instancesDir, 'vm-stray-files')), false);

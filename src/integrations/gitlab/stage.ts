@@ -12,11 +12,14 @@ import type { JobMachine } from '../job-machine.ts';
 
 const sessionFile = '/tmp/.mayfly-stage.sid';
 
-export const stageArgv: readonly string[] = ['setsid', '--wait', 'bash', '-c', `echo $$ > ${sessionFile}; exec bash`, 'mayfly-stage'];
+/** Runs the script on stdin with bash, as the leader of a new session whose id goes to `file`. */
+export function stageArgv(file = sessionFile): string[] {
+  return ['setsid', '--wait', 'bash', '-c', 'echo $$ > "$1"; exec bash', 'mayfly-stage', file];
+}
 
 // Signals every process of the recorded session and prints how many there were. Plain bash and
 // /proc only: imported images need not have procps. In /proc/PID/stat the fields after the
-// command name ("...) ") are state, ppid, pgrp, session.
+// command name ("...) ") are state, ppid, pgrp, session; zombies (state Z) are already over.
 const sweepScript = `sig=$1 file=$2
 sid=$(cat "$file" 2>/dev/null) || { echo 0; exit 0; }
 case $sid in ''|*[!0-9]*) echo 0; exit 0;; esac
@@ -24,15 +27,16 @@ n=0
 for st in /proc/[0-9]*/stat; do
   read -r line < "$st" 2>/dev/null || continue
   set -- \${line##*) }
-  if [ "$4" = "$sid" ]; then
+  if [ "$4" = "$sid" ] && [ "$1" != Z ]; then
     p=\${st#/proc/}; p=\${p%/stat}
     kill -s "$sig" "$p" 2>/dev/null && n=$((n + 1))
   fi
 done
 echo $n`;
 
-export function sweepArgv(signal: 'TERM' | 'KILL'): string[] {
-  return ['bash', '-c', sweepScript, 'mayfly-sweep', signal, sessionFile];
+/** Sends `signal` to every process of the session recorded in `file`; prints how many. */
+export function sweepArgv(signal: 'TERM' | 'KILL', file = sessionFile): string[] {
+  return ['bash', '-c', sweepScript, 'mayfly-sweep', signal, file];
 }
 
 export interface StageOptions {
@@ -54,7 +58,7 @@ export interface StageOutcome {
 export async function runStage(m: JobMachine, script: Buffer, o: StageOptions): Promise<StageOutcome> {
   // Ends the SSH channel itself only when the stage does not end after SIGKILL.
   const hangUp = new AbortController();
-  const main = m.exec(stageArgv, { stdin: script, stdout: o.stdout, stderr: o.stderr, signal: hangUp.signal });
+  const main = m.exec(stageArgv(), { stdin: script, stdout: o.stdout, stderr: o.stderr, signal: hangUp.signal });
   const ended = main.then(
     () => true,
     () => true,
