@@ -8,6 +8,7 @@ import { silentLogger } from '../log.ts';
 import { createProgress, type Progress } from '../progress.ts';
 import { lastLines, requireTool, run, runChecked } from '../util/exec.ts';
 import { shellQuote } from '../util/shell.ts';
+import { fetchVerified } from './fetch.ts';
 import { vmBasePackages, type Recipe } from './recipe.ts';
 import type { Image, ImageStore } from './store.ts';
 
@@ -57,6 +58,10 @@ export async function buildImage(store: ImageStore, recipe: Recipe, opts: BuildO
   log.info({ recipe: recipe.name, source: recipe.source, work }, 'image build started');
 
   try {
+    if (recipe.gitlab_runner) {
+      log.info({ source: recipe.gitlab_runner.source }, 'fetching the gitlab-runner binary');
+      await fetchVerified(recipe.gitlab_runner.source, recipe.gitlab_runner.sha256, join(work, 'gitlab-runner'), `recipe ${recipe.name}: gitlab_runner`, opts.signal);
+    }
     const rootfs = join(work, 'rootfs');
     const packages = [...new Set([...vmBasePackages, ...recipe.packages])];
     progress.step(`bootstrap ${recipe.suite} with ${packages.length} packages (mmdebstrap)`);
@@ -187,6 +192,10 @@ function customizeHooks(recipe: Recipe, work: string): string[] {
   mkdirSync(scripts, { recursive: true });
   hooks.push(`mkdir -p "$1/tmp/mayfly-guest" && cp -a ${shellQuote(guestFilesDir)}/. "$1/tmp/mayfly-guest/"`);
   hooks.push('chroot "$1" /bin/sh /tmp/mayfly-guest/setup-rootfs.sh');
+  if (recipe.gitlab_runner) {
+    // Before the recipe's commands, so that they may use (or register) it.
+    hooks.push(`install -m 0755 ${shellQuote(join(work, 'gitlab-runner'))} "$1/usr/local/bin/gitlab-runner"`);
+  }
   recipe.commands.forEach((cmd, i) => {
     const file = join(scripts, `command-${i + 1}.sh`);
     writeFileSync(file, `set -e\n${cmd}\n`);

@@ -28,6 +28,16 @@ export const recipeSchema = z.strictObject({
   disk_size: z.number().int().min(1).max(2048).default(2),
   /** Extra kernel command-line arguments. */
   kernel_args: z.string().default(''),
+  /**
+   * The gitlab-runner binary for GitLab's cache and artifact stages, installed as
+   * /usr/local/bin/gitlab-runner. A path on the build host (relative to the recipe) or a URL.
+   */
+  gitlab_runner: z
+    .strictObject({
+      source: z.string().min(1),
+      sha256: z.string().regex(/^[0-9a-fA-F]{64}$/, 'must be the file\'s SHA-256 as 64 hex digits (sha256sum FILE)'),
+    })
+    .optional(),
 });
 
 export type Recipe = z.infer<typeof recipeSchema> & {
@@ -48,6 +58,8 @@ export function parseRecipe(text: string, file: string, source = file): Recipe {
   if (r.playbook && !isAbsolute(r.playbook) && !source.startsWith('builtin:')) {
     r.playbook = resolve(dirname(file), r.playbook);
   }
+  const gr = r.gitlab_runner;
+  if (gr && !/^https?:\/\//.test(gr.source) && !isAbsolute(gr.source)) gr.source = resolve(dirname(file), gr.source);
   return { ...r, source };
 }
 

@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import assert from 'node:assert/strict';
 import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -37,6 +38,9 @@ describe('mayfly image', { timeout: 900_000 }, () => {
 
   test('a recipe with commands builds a new image whose machines carry the result', async () => {
     const recipe = join(tmp, 'marker.toml');
+    // A stand-in for the gitlab-runner binary (no download here): installed with its checksum checked.
+    const runner = '#!/bin/sh\necho "Version:      0.0.0-mayfly-test"\n';
+    writeFileSync(join(tmp, 'gitlab-runner'), runner);
     writeFileSync(
       recipe,
       [
@@ -46,6 +50,9 @@ describe('mayfly image', { timeout: 900_000 }, () => {
         '  "echo built-by-recipe > /etc/mayfly-test-marker",',
         '  "id ci > /etc/mayfly-test-ci-user",',
         ']',
+        '[gitlab_runner]',
+        'source = "gitlab-runner"',
+        `sha256 = "${createHash('sha256').update(runner).digest('hex')}"`,
       ].join('\n') + '\n',
     );
     const build = await mayfly(['image', 'build', recipe]);
@@ -54,9 +61,9 @@ describe('mayfly image', { timeout: 900_000 }, () => {
     assert.match(build.stderr, /step 1\/5: bootstrap bookworm/, 'plain progress lines without a terminal');
     assert.match(build.stderr, /step 5\/5: content id and publish/);
 
-    const run = await mayfly(['run', '--image', 'test-marker', '--', 'sh', '-c', 'cat /etc/mayfly-test-marker; jq -n 1+1']);
+    const run = await mayfly(['run', '--image', 'test-marker', '--', 'sh', '-c', 'cat /etc/mayfly-test-marker; jq -n 1+1; gitlab-runner --version']);
     assert.equal(run.code, 0, run.stderr);
-    assert.equal(run.stdout, 'built-by-recipe\n2\n');
+    assert.equal(run.stdout, 'built-by-recipe\n2\nVersion:      0.0.0-mayfly-test\n');
     assert.deepEqual(instanceDirs(), []);
 
     const rm = await mayfly(['image', 'rm', 'test-marker']);
