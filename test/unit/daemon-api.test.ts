@@ -68,6 +68,14 @@ describe('mayflyd API', () => {
     const noLease = await app.inject({ method: 'DELETE', url: '/v1/leases/lease-x' });
     assert.equal(noLease.statusCode, 404);
     assert.equal(noLease.json().code, 'MAYFLY_ERR_LEASE_NOT_FOUND');
+    const noDetach = await app.inject({ method: 'PATCH', url: '/v1/leases/lease-x', payload: { holder_pid: null } });
+    assert.equal(noDetach.statusCode, 404);
+    assert.equal(noDetach.json().code, 'MAYFLY_ERR_LEASE_NOT_FOUND');
+    // Only detaching is supported: a new holder or another field is refused.
+    for (const payload of [{ holder_pid: 123 }, {}, { holder_pid: null, pool: 'p' }]) {
+      const bad = await app.inject({ method: 'PATCH', url: '/v1/leases/lease-x', payload });
+      assert.equal(bad.statusCode, 400, JSON.stringify(payload));
+    }
     const route = await app.inject({ method: 'GET', url: '/v2/nothing' });
     assert.equal(route.statusCode, 404);
     assert.match(route.json().message, /no route GET \/v2\/nothing/);

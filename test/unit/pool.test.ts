@@ -637,6 +637,24 @@ describe('max_runtime', () => {
     assert.equal(orphan.machine.destroyCalls, 1);
     assert.deepEqual([held.machine.destroyCalls, noHolder.machine.destroyCalls], [0, 0]);
   });
+
+  test('a detached lease outlives the process that took it; its deadline still ends it', async () => {
+    const dead = new Set<number>();
+    const h = harness([pool({})], { holderAlive: (pid: number) => !dead.has(pid) });
+    const job = await h.pm.acquire({ pool: 'ci', timeoutMs: 1000, holderPid: 333, maxRuntimeMs: 60_000 });
+    h.pm.detach(job.id);
+    dead.add(333);
+    await h.pm.reconcile();
+    await settle();
+    assert.equal(job.machine.destroyCalls, 0);
+    assert.deepEqual(h.ofType('abandoned'), []);
+    h.advance(60_000);
+    await h.pm.reconcile();
+    await settle();
+    assert.equal(job.machine.destroyCalls, 1);
+    assert.deepEqual(h.ofType('expired').map((e) => e.lease), [job.id]);
+    assert.throws(() => h.pm.detach('lease-none'), /no lease 'lease-none'/);
+  });
 });
 
 describe('failures and limits', () => {
