@@ -30,10 +30,13 @@ writeFileSync(
   `[daemon]\nsocket = "${socket}"\nreconcile_interval = 1\n\n` +
     `[[pool]]\nname = "bench"\nimage = "debian-12"\nsize = "2cpu1024mb4gb"\nidle_count = 1\nmax_instances = 2\n`,
 );
+// The baseline's mayfly must not find the daemon, or prepare would take a pool machine anyway.
+const noDaemonConfig = join(work, 'no-daemon.toml');
+writeFileSync(noDaemonConfig, `[daemon]\nsocket = "${join(work, 'nobody.sock')}"\n`);
 let daemon: ChildProcess | undefined;
 
 function runner(pool: boolean): RunnerConfig {
-  const args = ['--data-dir', dataDir, '--config', config];
+  const args = ['--data-dir', dataDir, '--config', pool ? config : noDaemonConfig];
   return {
     configExec: [mayflyBin, ...args, 'gitlab', 'config'],
     prepareExec: [mayflyBin, ...args, 'gitlab', 'prepare', ...(pool ? ['--pool', 'bench'] : [])],
@@ -74,17 +77,20 @@ try {
   }
   if (!client) throw new Error('mayflyd did not start');
 
+  const bootedLine = /mayfly: machine vm-\S+ .*booted in/;
   const job = (id: number) => ({ id, token, repoUrl: `http://10.0.2.2:${git.port}/group/project.git`, sha: repo.sha, ref: repo.ref, script: ['true'] });
   const warm: Map<string, number>[] = [];
   const cold: Map<string, number>[] = [];
   for (let i = 1; i <= runs; i++) {
     await waitFor(client, (n) => n >= 1);
-    let t0 = performance.now();
+    let t0 = Date.now();
     warm.push(timings(await runJob(runner(true), job(1000 + i)), t0));
     await waitFor(client, (n) => n >= 1);
     await new Promise((r) => setTimeout(r, 5000)); // the refilled guest's first seconds
-    t0 = performance.now();
-    cold.push(timings(await runJob(runner(false), job(2000 + i)), t0));
+    t0 = Date.now();
+    const r = await runJob(runner(false), job(2000 + i));
+    if (!bootedLine.test(r.log)) throw new Error(`the baseline job did not boot its machine:\n${r.log}`);
+    cold.push(timings(r, t0));
     console.log(`run ${i}/${runs}: warm ${fmt(warm.at(-1)!.get('whole job')!)}  no pool ${fmt(cold.at(-1)!.get('whole job')!)}`);
   }
 

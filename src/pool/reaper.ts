@@ -46,8 +46,9 @@ export async function reap(deps: { state: StateStore; driver: Driver; instancesD
     const rec = state.getInstance(id);
     if (!rec) return false;
     if (rec.state === 'kept') return true;
-    // A machine serving a multi-process job (GitLab's stages) until the job's record expires.
-    if (state.listJobs().some((j) => j.instance === id && j.expiresAt > Date.now())) return true;
+    // A machine booted for a multi-process job (GitLab's stages) until the job's record expires.
+    // (A pool machine leased to a job is the daemon's to account for, not the record's.)
+    if (state.listJobs().some((j) => j.instance === id && j.lease === null && j.expiresAt > Date.now())) return true;
     return rec.holderPid !== null && rec.holderPid !== process.pid && holderAlive(rec.holderPid, rec.createdAt);
   };
 

@@ -81,7 +81,7 @@ describe('choosing the image', () => {
     assert.match(e.message, /'alpine:3.20' is not a mayfly image/);
     assert.match(e.message, /debian-12 \(versions 1, 2\), tools \(versions 1\)/);
     assert.match(e.message, /"ruby:3.3" → ruby/);
-    assert.match(e.hint!, /\[gitlab.images\] "alpine:3.20" = /);
+    assert.match(e.hint!, /\[gitlab.images\]\n    "alpine:3.20" = /);
   });
 
   test('a mapping to an image that is not built says how to build it', () => {
@@ -172,7 +172,17 @@ describe('a stage in its own session', () => {
     assert.equal((await run(sweepArgv('KILL', file))).out.trim(), '1');
     const ended = await stage;
     assert.ok(!ended.out.includes('not reached'));
+    assert.equal(ended.code, 143, 'the stage reports a signal as a shell does: 128 + SIGTERM');
     assert.deepEqual(sessionMembers(sid), []);
+    assert.equal(existsSync(file), false, 'the KILL sweep removed the session file');
+  });
+
+  test('a stage that ends normally removes its session file and keeps its exit status', async () => {
+    const file = join(root, 'normal.sid');
+    const r = await run(stageArgv(file), 'echo "in $(cat ' + file + ')"\nexit 7\n');
+    assert.equal(r.code, 7);
+    assert.match(r.out, /^in \d+\n$/);
+    assert.equal(existsSync(file), false);
   });
 
   test('a sweep without a recorded session signals nothing', async () => {

@@ -371,7 +371,7 @@ describe('recipes', () => {
     [
       'unknown key',
       'name = "x"\nfoo = 1\n',
-      "r.toml:2: foo: unknown key 'foo' (valid keys here: name, description, kind, suite, variant, mirror, packages, commands, playbook, disk_size, kernel_args)",
+      "r.toml:2: foo: unknown key 'foo' (valid keys here: name, description, kind, suite, variant, mirror, packages, commands, playbook, disk_size, kernel_args, gitlab_runner)",
     ],
     ['misspelt key', 'name = "x"\n\npackage = ["git"]\n', "r.toml:3: package: unknown key 'package' — did you mean 'packages'?"],
     ['disk_size 0', 'name = "x"\n\n\ndisk_size = 0\n', 'r.toml:4: disk_size: must be an integer from 1 to 2048 (got 0)'],

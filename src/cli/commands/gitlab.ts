@@ -15,7 +15,12 @@ import type { ContextFactory } from '../main.ts';
 // stderr are the job log, so mayfly's own log is human lines at warning level here.
 
 function deps(ctx: Context): ExecutorDeps {
+  // The job's variables (tokens, masked values in clear text) are read from a copy; QEMU and
+  // the other programs mayfly starts, which inherit this process's environment, never see them.
+  const env = { ...process.env };
+  for (const k of Object.keys(process.env)) if (k.startsWith('CUSTOM_ENV_') || k === 'JOB_RESPONSE_FILE') delete process.env[k];
   return {
+    env,
     config: ctx.config,
     log: ctx.log,
     engine: () => ctx.engine(),

@@ -136,7 +136,7 @@ export class QemuDriver implements Driver {
   deadReason(pid: number, dir: string): string | undefined {
     if (processAlive(pid)) return undefined;
     const tail = this.consoleTail(dir, 15);
-    return `the QEMU process (pid ${pid}) exited during boot${tail ? `; last console lines:\n${tail}` : ''}`;
+    return `the QEMU process (pid ${pid}) has exited${tail ? `; last console lines:\n${tail}` : ''}`;
   }
 
   async stop(pid: number | null, dir: string): Promise<void> {

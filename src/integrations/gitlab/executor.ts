@@ -6,6 +6,7 @@ import type { MachineSize } from '../../drivers/index.ts';
 import { ErrorCode, MayflyError, errorText, isMayflyError } from '../../errors.ts';
 import type { Logger } from '../../log.ts';
 import type { Engine } from '../../pool/index.ts';
+import { reap } from '../../pool/reaper.ts';
 import { checkSize, hostLimits, namedSizes, parseSizeLabel } from '../../pool/sizes.ts';
 import { version } from '../../version.ts';
 import { leaseJobMachine, localJobMachine, type JobMachine } from '../job-machine.ts';
@@ -68,26 +69,24 @@ export async function gitlabPrepare(d: ExecutorDeps, o: PrepareOptions): Promise
     // The runner retries prepare after a cleanup; anything still recorded is a leftover.
     const leftovers = await releaseJob(engine, d.config, id.key, d.log);
     for (const l of leftovers) d.err(`mayfly: before preparing: ${l}\n`);
+    // Without mayflyd nothing else collects what crashed runners left (expired job records).
+    await reap({ state: engine.state, driver: engine.driver, instancesDir: engine.instancesDir, log: d.log });
+    if (env.job('CI_JOB_SERVICES')) d.err('mayfly: warning: services: are not supported yet; the job runs without them\n');
 
-    const jobImage = env.job('CI_JOB_IMAGE');
-    const defaultImage = o.defaultImage || gl.default_image || d.config.defaults.image;
-    const choice = chooseImage(jobImage, { map: gl.images, defaultImage }, engine.images);
+    const pool = o.pool || gl.pool || undefined;
+    const jobImage = env.job('CI_JOB_IMAGE')?.trim() || undefined;
     const label = env.job(gl.size_variable)?.trim() || undefined;
-    let size: MachineSize | undefined;
-    if (label) {
-      try {
-        size = checkSize(parseSizeLabel(label, namedSizes(d.config.sizes)), hostLimits(d.config.capacity.memory_reserve), `${gl.size_variable}=${label}`);
-      } catch (e) {
-        if (isMayflyError(e)) throw new MayflyError(e.code, `the job variable ${e.message.startsWith(gl.size_variable) ? '' : `${gl.size_variable}: `}${e.message}`, { hint: e.hint });
-        throw e;
-      }
+    // A fixed pool decides image and size; the job's choices are reported, not applied.
+    const choice = pool ? undefined : chooseImage(jobImage, { map: gl.images, defaultImage: o.defaultImage || gl.default_image || d.config.defaults.image }, engine.images);
+    const size = pool || !label ? undefined : jobSize(d.config, label);
+    if (pool && (jobImage || label)) {
+      d.err(`mayfly: the runner takes every job from pool ${pool}: ${[jobImage && `image ${jobImage}`, label && `${gl.size_variable}=${label}`].filter(Boolean).join(' and ')} not applied\n`);
     }
 
     // The machine must outlive this process; the record (and mayflyd's deadline) must not
     // outlive the job by much: the job's timeout, plus the hour cleanup_exec may take.
     const holdSeconds = jobTimeoutSeconds(env) + 3600;
     const owner = jobOwner(id.key, id.jobId, id.project);
-    const pool = o.pool || gl.pool || undefined;
     const t0 = Date.now();
     const client = await DaemonClient.find(d.config.daemon.socket);
     if (pool && !client) {
@@ -95,13 +94,15 @@ export async function gitlabPrepare(d: ExecutorDeps, o: PrepareOptions): Promise
         hint: 'start it (systemctl start mayflyd), or drop --pool / gitlab.pool to boot a machine per job',
       });
     }
-    const ref = `${choice.image.name}:${choice.image.version}`;
+    const ref = choice ? `${choice.image.name}:${choice.image.version}` : undefined;
+    const why = choice ? choice.why : `pool ${pool}`;
     const sizeLabel = size ? `${size.cpus}cpu${size.memoryMiB}mb${size.diskGiB}gb` : undefined;
     let line: string | undefined;
     if (client) {
       try {
         const m = await leaseJobMachine(client, {
-          pool, image: ref, sizeLabel, owner, job: { gitlab_job: id.key, project: id.project }, maxRuntime: holdSeconds, signal: o.signal,
+          pool, image: ref, sizeLabel, owner, job: { gitlab_job: id.key, project: id.project },
+          maxRuntime: Math.min(holdSeconds, maxLeaseSeconds), signal: o.signal,
         });
         try {
           engine.state.putJob({
@@ -109,15 +110,20 @@ export async function gitlabPrepare(d: ExecutorDeps, o: PrepareOptions): Promise
             data: { socket: client.socket, pool: m.lease.pool, image: m.image },
           });
           // From now on the lease belongs to the job, not to this process.
-          await client.call('PATCH', `/v1/leases/${encodeURIComponent(m.lease.id)}`, { holder_pid: null });
-          await ensureWorkDirs(m, [gl.builds_dir, gl.cache_dir], choice.image.user);
+          await client.call('PATCH', `/v1/leases/${encodeURIComponent(m.lease.id)}`, { holder_pid: null }).catch((e: unknown) => {
+            if (isMayflyError(e) && /no route/.test(e.message)) {
+              throw new MayflyError(ErrorCode.DAEMON, 'mayflyd is older than this mayfly (it cannot hand a lease to a job)', { hint: 'restart mayflyd' });
+            }
+            throw e;
+          });
+          await ensureWorkDirs(m, [gl.builds_dir, gl.cache_dir], engine.images.resolve(m.image).user);
         } catch (e) {
           await m.release().catch(() => {});
           engine.state.deleteJob(id.key);
           throw e;
         }
         const i = m.lease.instance;
-        line = `machine ${m.id}: ${m.image} (${choice.why}), ${i.cpus} CPU, ${i.memory} MiB, ${i.disk} GiB disk, ${m.origin}`;
+        line = `machine ${m.id}: ${m.image} (${why}), ${i.cpus} CPU, ${i.memory} MiB, ${i.disk} GiB disk, ${m.origin}`;
       } catch (e) {
         if (!(isMayflyError(e) && e.code === ErrorCode.NO_MATCHING_POOL) || pool) throw e;
         d.err(`mayfly: no mayflyd pool serves ${ref}${sizeLabel ? ` at ${label}` : ''}; booting a machine for this job\n`);
@@ -128,16 +134,16 @@ export async function gitlabPrepare(d: ExecutorDeps, o: PrepareOptions): Promise
       const m = lease.machine;
       try {
         engine.state.putJob({
-          key: id.key, integration, instance: m.id, lease: null, createdAt: t0, expiresAt: t0 + holdSeconds * 1000, data: { image: ref },
+          key: id.key, integration, instance: m.id, lease: null, createdAt: t0, expiresAt: t0 + holdSeconds * 1000, data: { image: `${m.image.name}:${m.image.version}` },
         });
-        await ensureWorkDirs(localJobMachine(lease), [gl.builds_dir, gl.cache_dir], choice.image.user);
+        await ensureWorkDirs(localJobMachine(lease), [gl.builds_dir, gl.cache_dir], m.image.user);
         m.handOver(owner);
       } catch (e) {
         await lease.release().catch(() => {});
         engine.state.deleteJob(id.key);
         throw e;
       }
-      line = `machine ${m.id}: ${ref} (${choice.why}), ${m.size.cpus} CPU, ${m.size.memoryMiB} MiB, ${m.size.diskGiB} GiB disk, booted in ${((Date.now() - t0) / 1000).toFixed(1)} s`;
+      line = `machine ${m.id}: ${m.image.name}:${m.image.version} (${why}), ${m.size.cpus} CPU, ${m.size.memoryMiB} MiB, ${m.size.diskGiB} GiB disk, booted in ${((Date.now() - t0) / 1000).toFixed(1)} s`;
     }
     d.out(`mayfly: ${line}\n`);
     return 0;
@@ -147,6 +153,20 @@ export async function gitlabPrepare(d: ExecutorDeps, o: PrepareOptions): Promise
       return env.systemFailureExitCode;
     }
     return failure(e, env, d);
+  }
+}
+
+/** mayflyd's longest lease (its API's max_runtime limit). */
+const maxLeaseSeconds = 604_800;
+
+/** The size a job asks for through its size variable; refused when the host cannot run it. */
+function jobSize(config: Config, label: string): MachineSize {
+  const name = config.gitlab.size_variable;
+  try {
+    return checkSize(parseSizeLabel(label, namedSizes(config.sizes)), hostLimits(config.capacity.memory_reserve), `${name}=${label}`);
+  } catch (e) {
+    if (isMayflyError(e)) throw new MayflyError(e.code, `the job variable ${e.message.startsWith(name) ? '' : `${name}: `}${e.message}`, { hint: e.hint });
+    throw e;
   }
 }
 
@@ -203,11 +223,13 @@ export async function gitlabRun(d: ExecutorDeps, o: RunOptions): Promise<number>
       return env.systemFailureExitCode;
     }
     if (outcome.result.exitCode === 0) return 0;
-    if (!env.buildExitCodeFile) {
-      throw new MayflyError(ErrorCode.USAGE, 'BUILD_EXIT_CODE_FILE is not set: this command is run by gitlab-runner (17.9 or later)');
+    if (env.buildExitCodeFile) {
+      // One integer, rewritten every time: the file is shared by all stages of the attempt.
+      writeFileSync(env.buildExitCodeFile, `${outcome.result.exitCode}\n`);
+    } else {
+      // Runners before 17.9: the job fails with exit code 1 whatever the script's was.
+      d.err(`mayfly: the script exited with ${outcome.result.exitCode} (BUILD_EXIT_CODE_FILE is not set: gitlab-runner 17.9 or later reports the code itself)\n`);
     }
-    // One integer, rewritten every time: the file is shared by all stages of the attempt.
-    writeFileSync(env.buildExitCodeFile, `${outcome.result.exitCode}\n`);
     return env.buildFailureExitCode;
   } catch (e) {
     return failure(e, env, d);

@@ -32,7 +32,7 @@ export function chooseImage(jobImage: string | undefined, rules: ImageChoiceRule
     return { image: resolveOrExplain(images, requested, `image ${requested}`), why: 'the job names a mayfly image' };
   }
   throw new MayflyError(ErrorCode.IMAGE_NOT_FOUND, `the job's image '${requested}' is not a mayfly image and is not mapped to one. ${available(images, rules)}`, {
-    hint: `change the job's image: to one of those, or map it in mayfly's config: [gitlab.images] "${requested}" = "debian-12"`,
+    hint: `change the job's image: to one of those, or map it in mayfly's config:\n    [gitlab.images]\n    "${requested}" = "debian-12"`,
   });
 }
 

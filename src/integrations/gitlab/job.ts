@@ -1,3 +1,4 @@
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { Config } from '../../config/index.ts';
 import { DaemonClient } from '../../daemon/client.ts';
 import { ErrorCode, MayflyError, errorText } from '../../errors.ts';
@@ -37,7 +38,7 @@ export async function releaseJob(engine: Engine, config: Config, key: string, lo
   const job = engine.state.getJob(key);
   if (job?.lease) {
     const socket = job.data.socket ?? config.daemon.socket;
-    const client = await DaemonClient.find(socket);
+    const client = await findDaemon(socket);
     if (!client) {
       done.push(`mayflyd does not answer on ${socket}; lease ${job.lease} ends when its deadline passes or the daemon restarts`);
     } else {
@@ -62,6 +63,16 @@ export async function releaseJob(engine: Engine, config: Config, key: string, lo
   if (job) engine.state.deleteJob(key);
   if (done.length === 0) log.debug({ job: key }, 'nothing to clean up');
   return done;
+}
+
+/** The daemon, asked for up to 30 s: a busy mayflyd may miss one 2 s health check, and a lease it never hears about stays held until its deadline. */
+async function findDaemon(socket: string): Promise<DaemonClient | undefined> {
+  const end = Date.now() + 30_000;
+  for (;;) {
+    const c = await DaemonClient.find(socket);
+    if (c || Date.now() > end) return c;
+    await sleep(1000);
+  }
 }
 
 async function destroyIfPresent(engine: Engine, id: string): Promise<string> {
