@@ -77,7 +77,7 @@ try {
   }
   if (!client) throw new Error('mayflyd did not start');
 
-  const bootedLine = /mayfly: machine vm-\S+ .*booted in/;
+  const bootedLine = /mayfly: machine vm-\S+ .*(booted|restored) in/;
   const job = (id: number) => ({ id, token, repoUrl: `http://10.0.2.2:${git.port}/group/project.git`, sha: repo.sha, ref: repo.ref, script: ['true'] });
   const warm: Map<string, number>[] = [];
   const cold: Map<string, number>[] = [];

@@ -1,5 +1,7 @@
+import { Option } from 'commander';
 import { DaemonClient } from '../daemon/client.ts';
 import type { MachineSize } from '../drivers/index.ts';
+import type { StartMode } from '../pool/index.ts';
 import { ErrorCode, MayflyError } from '../errors.ts';
 import { bootJobMachine, leaseJobMachine, type JobMachine } from '../integrations/job-machine.ts';
 import type { Context } from './context.ts';
@@ -14,6 +16,12 @@ export interface MachineChoice {
   daemon: boolean;
   /** Only a machine of this process can be kept after the job. */
   keep?: boolean;
+  /** restore | boot, for a machine this process starts (pool machines start as their pool says). */
+  start?: StartMode;
+}
+
+export function startOption(): Option {
+  return new Option('--start <mode>', 'restore (from a snapshot template, made on first use) or boot; default from the config').choices(['restore', 'boot']);
 }
 
 /**
@@ -40,5 +48,5 @@ export async function obtainJobMachine(ctx: Context, o: MachineChoice, owner: st
       ctx.log.info('no mayflyd pool serves this image and size; booting a machine here');
     }
   }
-  return bootJobMachine(ctx.engine(), { image: o.image, size, owner, signal });
+  return bootJobMachine(ctx.engine(), { image: o.image, size, owner, signal, start: o.start });
 }

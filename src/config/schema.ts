@@ -11,6 +11,8 @@ import * as z from 'zod';
 export const IMAGE_NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
 export const ACCELS = ['auto', 'kvm', 'tcg'] as const;
 export const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'silent'] as const;
+/** How a machine starts: from a snapshot template (about a second), or a full boot. */
+export const START_MODES = ['restore', 'boot'] as const;
 
 const imageName = z.string().regex(IMAGE_NAME, {
   error: 'must be an image name: 1 to 63 characters of a-z, 0-9, ".", "_" or "-", starting with a letter or digit',
@@ -68,6 +70,8 @@ const poolSchema = z.strictObject({
   max_growth_rate: z.int().min(1).max(100).default(1),
   /** Longest a lease may run before its machine is killed (0: no limit). */
   max_runtime: duration.default(0),
+  /** restore | boot; default: [images] start for the image, else [defaults] start. */
+  start: z.enum(START_MODES).optional(),
   period: z.array(periodSchema).default([]),
 });
 
@@ -87,6 +91,7 @@ export const configSections = {
     cpus: int(1, 64, 2),
     memory: int(128, 262144, 1024), // MiB
     disk: int(1, 2048, 4), // GiB
+    start: z.enum(START_MODES).default('restore'),
   }),
   qemu: section({
     binary: z.string().min(1).default('qemu-system-x86_64'),
@@ -98,6 +103,8 @@ export const configSections = {
   images: section({
     recipe_dirs: z.array(z.string().refine((p) => isAbsolute(p), 'must be an absolute path')).default([]),
     keep_versions: int(1, 100, 3),
+    /** Per image name: restore | boot, overriding [defaults] start. */
+    start: z.record(imageName, z.enum(START_MODES)).default({}),
   }),
   log: section({
     level: z.enum(LOG_LEVELS).default('info'),

@@ -70,14 +70,17 @@ export class Daemon {
     this.pools = new PoolManager<Machine>(specs, {
       log: opts.log,
       capacity: capacityGuard(opts.config),
-      create: (spec, signal) =>
-        Machine.create(engine.machineDeps(), {
-          image: engine.images.resolve(spec.image),
+      create: (spec, signal) => {
+        const image = engine.images.resolve(spec.image);
+        return engine.createMachine({
+          image,
           size: spec.size,
           owner: `pool ${spec.name}: idle`,
           pool: spec.name,
           signal,
-        }),
+          start: opts.config.pool.find((p) => p.name === spec.name)?.start,
+        });
+      },
       onEvent: (e) => this.#record(e),
     });
   }

@@ -30,6 +30,11 @@ export interface StartSpec {
   identity: MachineIdentity;
   /** Boot with full console output (no `quiet`), to diagnose a boot that timed out before. */
   verbose?: boolean;
+  /**
+   * Resume a saved machine instead of booting: `disk` is an overlay on the template's frozen
+   * disk, `stateFile` its memory state. The driver hands the guest its new identity at once.
+   */
+  restore?: { stateFile: string };
 }
 
 export interface StartedMachine {
@@ -59,4 +64,13 @@ export interface Driver {
   killNow(pid: number, dir: string): void;
   consoleTail(dir: string, lines: number): string;
   listHost(): HostMachine[];
+  /** Whether machines of this image can be saved and restored (the image's guest has the restore agent). */
+  canSnapshot?(image: Image): boolean;
+  /**
+   * Saves a running, prepared machine's memory state to `stateFile`; the machine process ends.
+   * Its disk must then stay unchanged: clones restored from the state use it as their base.
+   */
+  saveSnapshot?(pid: number, dir: string, stateFile: string): Promise<void>;
+  /** What must be equal between a template and its clones (emulator version, accelerator, …). */
+  snapshotCompat?(image: Image): Promise<Record<string, string>>;
 }

@@ -140,6 +140,7 @@ export async function buildImage(store: ImageStore, recipe: Recipe, opts: BuildO
       kernelArgs: [baseKernelArgs, recipe.kernel_args].filter(Boolean).join(' '),
       diskVirtualBytes: sizeBytes,
       identity: 'fw_cfg',
+      features: ['restore-agent'],
       user: 'ci',
     });
     await removeBuildDir(work);

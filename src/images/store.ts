@@ -26,6 +26,8 @@ export interface ImageManifest {
   identity: 'fw_cfg' | 'cloud-init';
   /** The unprivileged user jobs run as. */
   user: string;
+  /** What the guest can do beyond booting: "restore-agent" (snapshot restore; images built since it exists). */
+  features?: string[];
 }
 
 export interface Image extends ImageManifest {

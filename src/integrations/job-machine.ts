@@ -3,7 +3,7 @@ import type { DaemonClient } from '../daemon/client.ts';
 import type { MachineSize } from '../drivers/index.ts';
 import { ErrorCode, MayflyError } from '../errors.ts';
 import type { ExecResult } from '../guest/index.ts';
-import type { AttachedMachine, Engine, Lease } from '../pool/index.ts';
+import type { AttachedMachine, Engine, Lease, StartMode } from '../pool/index.ts';
 
 // What an integration needs from a machine for one job, whether it was booted in this
 // process or leased from mayflyd's warm pool: run commands (with input, output and
@@ -39,11 +39,12 @@ export interface JobMachineRequest {
   size?: Partial<MachineSize>;
   owner: string;
   signal?: AbortSignal;
+  start?: StartMode;
 }
 
-/** A fresh machine booted by this process. */
+/** A fresh machine started by this process. */
 export async function bootJobMachine(engine: Engine, req: JobMachineRequest): Promise<JobMachine> {
-  return localJobMachine(await engine.lease({ image: req.image, size: req.size, owner: req.owner, signal: req.signal }));
+  return localJobMachine(await engine.lease({ image: req.image, size: req.size, owner: req.owner, signal: req.signal, start: req.start }));
 }
 
 /** A machine this process holds through an engine lease. */
@@ -52,7 +53,7 @@ export function localJobMachine(lease: Lease): JobMachine {
   return {
     id: m.id,
     image: `${m.image.name}:${m.image.version}`,
-    origin: `booted in ${(m.readyAfterMs / 1000).toFixed(1)} s`,
+    origin: `${m.restored ? 'restored' : 'booted'} in ${(m.readyAfterMs / 1000).toFixed(1)} s`,
     local: lease,
     async exec(argv, o = {}) {
       const ch = o.root ? await m.root() : m.guest;

@@ -1,8 +1,9 @@
 import { join } from 'node:path';
 import type { Config } from '../config/index.ts';
 import { QemuDriver, type Driver, type MachineSize } from '../drivers/index.ts';
-import { ErrorCode, MayflyError } from '../errors.ts';
-import { ImageStore } from '../images/store.ts';
+import type { START_MODES } from '../config/schema.ts';
+import { ErrorCode, MayflyError, errorText } from '../errors.ts';
+import { ImageStore, type Image } from '../images/store.ts';
 import type { Logger } from '../log.ts';
 import { openStateStore, type InstanceRecord, type StateStore } from '../state/index.ts';
 import { qcow2Overlay, type StorageBackend } from '../storage/index.ts';
@@ -10,6 +11,9 @@ import { attachInstance, type AttachedMachine } from './attached.ts';
 import { Machine, type MachineDeps } from './machine.ts';
 import { removeInstance } from './reaper.ts';
 import { checkSize, hostLimits } from './sizes.ts';
+import { Templates, type Template } from './templates.ts';
+
+export type StartMode = (typeof START_MODES)[number];
 
 export { Machine } from './machine.ts';
 export type { AttachedMachine } from './attached.ts';
@@ -24,6 +28,8 @@ export interface LeaseRequest {
   /** Who holds the lease, for `ps` (e.g. "run: make test"). */
   owner: string;
   signal?: AbortSignal;
+  /** restore | boot; default from the config. */
+  start?: StartMode;
 }
 
 export interface Lease {
@@ -39,6 +45,7 @@ export class Engine {
   readonly images: ImageStore;
   readonly driver: Driver;
   readonly storage: StorageBackend;
+  readonly templates: Templates;
 
   constructor(opts: { dataDir: string; config: Config; log: Logger }) {
     if (opts.dataDir.includes(',')) {
@@ -59,6 +66,7 @@ export class Engine {
       accelCacheFile: join(opts.dataDir, 'host', 'accel.json'),
     });
     this.storage = qcow2Overlay;
+    this.templates = new Templates(this.machineDeps());
   }
 
   get instancesDir(): string {
@@ -91,7 +99,7 @@ export class Engine {
       { image: `${image.name}:${image.version}`, cpus: size.cpus, memory: size.memoryMiB, disk: size.diskGiB },
       'starting a fresh machine',
     );
-    const machine = await Machine.create(this.machineDeps(), { image, size, owner: req.owner, signal: req.signal });
+    const machine = await this.createMachine({ image, size, owner: req.owner, signal: req.signal, start: req.start });
     try {
       machine.setOwner(req.owner);
     } catch (e) {
@@ -99,6 +107,34 @@ export class Engine {
       throw e;
     }
     return { machine, release: () => machine.destroy() };
+  }
+
+  /** How machines of this image start unless told otherwise. */
+  startMode(image: Image, pool?: StartMode): StartMode {
+    return pool ?? this.config.images.start[image.name] ?? this.config.defaults.start;
+  }
+
+  /**
+   * A new machine, restored from the image's snapshot template (made now if there is none)
+   * when the start mode says so and the image can be restored, else booted.
+   */
+  async createMachine(req: { image: Image; size: MachineSize; owner: string; pool?: string; signal?: AbortSignal; start?: StartMode }): Promise<Machine> {
+    const mode = req.start ?? this.startMode(req.image);
+    let template: Template | undefined;
+    if (mode === 'restore' && this.templates.canSnapshot(req.image)) {
+      try {
+        template = await this.templates.ensure(req.image, req.size, req.signal);
+      } catch (e) {
+        if (req.signal?.aborted) throw e;
+        this.log.warn({ image: `${req.image.name}:${req.image.version}`, err: errorText(e) }, 'could not make a snapshot template; booting instead');
+      }
+    } else if (mode === 'restore') {
+      this.log.debug({ image: req.image.name }, 'this image cannot be restored from a snapshot (imported images boot)');
+    }
+    return Machine.create(this.machineDeps(), {
+      image: req.image, size: req.size, owner: req.owner, pool: req.pool, signal: req.signal, template,
+      onRestoreFailed: (t, why) => this.templates.drop(t, why),
+    });
   }
 
   /** Instances in the state store, each with whether its process still runs. */

@@ -1,6 +1,6 @@
 import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import type { Driver, MachineSize, StartedMachine } from '../drivers/types.ts';
+import type { Driver, MachineIdentity, MachineSize, StartedMachine } from '../drivers/types.ts';
 import { ErrorCode, MayflyError, errorText } from '../errors.ts';
 import { GuestChannel, generateKeyPair, type GuestEndpoint } from '../guest/index.ts';
 import type { Image } from '../images/store.ts';
@@ -8,6 +8,7 @@ import type { Logger } from '../log.ts';
 import type { StateStore } from '../state/index.ts';
 import { diskTooSmall, type StorageBackend } from '../storage/index.ts';
 import { newId } from '../util/ids.ts';
+import type { Template } from './templates.ts';
 
 // One machine's life: clone → start → ready (a real command over SSH) → … → destroy.
 // Destroy is the single path out, whatever happened before: normal end, failure, cancel.
@@ -34,6 +35,8 @@ export class Machine {
   guest!: GuestChannel;
   started!: StartedMachine;
   readyAfterMs = 0;
+  /** Started from a snapshot template rather than booted. */
+  restored = false;
   readonly #deps: MachineDeps;
   #privateKey = '';
   #hostKey = '';
@@ -51,7 +54,17 @@ export class Machine {
   /** Creates and boots a machine, returning once it runs commands. Cleans up after itself on failure. */
   static async create(
     deps: MachineDeps,
-    req: { image: Image; size: MachineSize; owner?: string; pool?: string; signal?: AbortSignal },
+    req: {
+      image: Image;
+      size: MachineSize;
+      owner?: string;
+      pool?: string;
+      signal?: AbortSignal;
+      /** Restore from this snapshot template instead of booting; a failed restore falls back to a boot. */
+      template?: Template;
+      /** Told when restoring from `template` failed, so that it can be made again. */
+      onRestoreFailed?: (t: Template, why: string) => void;
+    },
   ): Promise<Machine> {
     const { image, size } = req;
     const wantBytes = size.diskGiB * 1024 ** 3;
@@ -68,11 +81,11 @@ export class Machine {
         diskGiB: size.diskGiB, accel: null, owner: req.owner ?? null, holderPid: process.pid, pool: req.pool ?? null,
       });
       mkdirSync(m.dir, { recursive: true, mode: 0o700 });
-      await m.#boot(req.signal);
+      await m.#start(req);
       m.readyAfterMs = Date.now() - t0;
       deps.state.updateInstance(m.id, { state: 'ready' });
       deps.log.info(
-        { instance: m.id, image: `${image.name}:${image.version}`, accel: m.started.accel, seconds: +(m.readyAfterMs / 1000).toFixed(1) },
+        { instance: m.id, image: `${image.name}:${image.version}`, accel: m.started.accel, start: m.restored ? 'restore' : 'boot', seconds: +(m.readyAfterMs / 1000).toFixed(1) },
         'machine ready',
       );
       return m;
@@ -82,8 +95,7 @@ export class Machine {
     }
   }
 
-  async #boot(signal: AbortSignal | undefined): Promise<void> {
-    const d = this.#deps;
+  async #start(req: { signal?: AbortSignal; template?: Template; onRestoreFailed?: (t: Template, why: string) => void }): Promise<void> {
     const user = generateKeyPair(`mayfly@${this.id}`);
     const host = generateKeyPair(`root@${this.id}`);
     this.#privateKey = user.privateKey;
@@ -91,7 +103,48 @@ export class Machine {
     // Kept (0600, in a 0700 dir) so `mayfly ssh`/--keep can reach the machine; removed on destroy.
     writeFileSync(join(this.dir, 'id_ed25519'), user.privateKey, { mode: 0o600 });
     writeFileSync(join(this.dir, 'known_host_key.pub'), host.publicKey + '\n');
+    const identity = { id: this.id, hostname: this.id, hostKey: host, authorizedKey: user.publicKey };
+    if (req.template) {
+      try {
+        await this.#restore(req.template, identity, req.signal);
+        return;
+      } catch (e) {
+        if (req.signal?.aborted) throw e;
+        const why = errorText(e);
+        this.#deps.log.warn({ instance: this.id, err: why }, 'restoring from the snapshot template failed; booting instead');
+        req.onRestoreFailed?.(req.template, why);
+      }
+    }
+    await this.#boot(identity, req.signal);
+  }
 
+  /** A clone of the template's saved machine: overlay on its frozen disk, memory state loaded, identity handed over. */
+  async #restore(t: Template, identity: MachineIdentity, signal: AbortSignal | undefined): Promise<void> {
+    const d = this.#deps;
+    const disk = await d.storage.clone({ base: t.disk, instanceDir: this.dir, sizeBytes: this.size.diskGiB * 1024 ** 3 });
+    try {
+      d.state.updateInstance(this.id, { state: 'booting' });
+      this.started = await d.driver.start(
+        { id: this.id, dir: this.dir, image: this.image, size: this.size, disk, identity, restore: { stateFile: t.state } },
+        { log: d.log, signal },
+      );
+      d.state.updateInstance(this.id, { pid: this.started.pid, sshPort: this.started.ssh.port, accel: this.started.accel });
+      // sshd starts only once the guest has its identity (the driver waited for that): this is quick.
+      this.guest = await GuestChannel.waitReady(this.endpoint(this.image.user), {
+        timeoutMs: 30_000,
+        signal,
+        alive: () => d.driver.deadReason(this.started.pid, this.dir),
+      });
+      this.restored = true;
+    } catch (e) {
+      if (this.started) await d.driver.stop(this.started.pid, this.dir);
+      await d.storage.remove(disk);
+      throw e;
+    }
+  }
+
+  async #boot(identity: MachineIdentity, signal: AbortSignal | undefined): Promise<void> {
+    const d = this.#deps;
     for (let attempt = 0; ; attempt++) {
       const disk = await d.storage.clone({ base: this.image.diskPath, instanceDir: this.dir, sizeBytes: this.size.diskGiB * 1024 ** 3 });
       d.state.updateInstance(this.id, { state: 'booting' });
@@ -102,7 +155,7 @@ export class Machine {
           image: this.image,
           size: this.size,
           disk,
-          identity: { id: this.id, hostname: this.id, hostKey: host, authorizedKey: user.publicKey },
+          identity,
           verbose: attempt > 0,
         },
         { log: d.log, signal },
@@ -190,6 +243,11 @@ export class Machine {
       rmSync(m.dir, { recursive: true, force: true });
     }
     live.clear();
+  }
+
+  /** Closes the guest connections this process holds; the machine keeps running and stays ours. */
+  closeConnections(): void {
+    this.#closeChannels();
   }
 
   /** Closes mayfly's connections but leaves the machine running (run --keep). */

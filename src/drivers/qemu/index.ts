@@ -3,11 +3,15 @@ import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ErrorCode, MayflyError } from '../../errors.ts';
-import type { Logger } from '../../log.ts';
+import type { Image } from '../../images/store.ts';
+import { silentLogger, type Logger } from '../../log.ts';
 import { lastLines, requireTool, run } from '../../util/exec.ts';
 import { processAlive } from '../../util/proc.ts';
+import { shellQuote } from '../../util/shell.ts';
 import type { Driver, HostMachine, StartSpec, StartedMachine } from '../types.ts';
 import { chooseAccel, type AccelSetting } from './accel.ts';
+import { sendIdentity } from './agent.ts';
+import { Qmp } from './qmp.ts';
 import { writeNoCloudSeed } from './cloud-init.ts';
 
 export interface QemuDriverOptions {
@@ -64,6 +68,17 @@ export class QemuDriver implements Driver {
     const consoleLog = join(dir, 'console.log');
     const pidFile = join(dir, 'qemu.pid');
     const identityArgs = this.#identityArgs(spec);
+    // mayfly images carry the restore agent: a virtio-serial port, in every machine (a template
+    // and its clones must have the same devices), through which a restored clone gets its identity.
+    const agentArgs = this.canSnapshot(image)
+      ? ['-device', 'virtio-serial-pci', '-chardev', `socket,id=agent,path=${join(dir, 'agent.sock')},server=on,wait=off`,
+        '-device', 'virtserialport,chardev=agent,name=org.mayfly.agent']
+      : [];
+    if (spec.restore && !this.canSnapshot(image)) {
+      throw new MayflyError(ErrorCode.RESTORE_FAILED, `image ${image.name}:${image.version} cannot be restored from a snapshot (its guest has no restore agent)`, {
+        hint: 'images built by this version of mayfly have it: rebuild the image (mayfly image build)',
+      });
+    }
 
     for (let attempt = 1; ; attempt++) {
       ctx.signal?.throwIfAborted();
@@ -85,6 +100,8 @@ export class QemuDriver implements Driver {
         '-device', 'virtio-net-pci,netdev=n0',
         '-device', 'virtio-rng-pci',
         ...identityArgs,
+        ...agentArgs,
+        ...(spec.restore ? ['-incoming', 'defer'] : []),
         '-qmp', `unix:${join(dir, 'qmp.sock')},server=on,wait=off`,
         '-pidfile', pidFile,
         '-daemonize',
@@ -96,6 +113,14 @@ export class QemuDriver implements Driver {
       if (r.code === 0 && existsSync(pidFile)) {
         const pid = Number(readFileSync(pidFile, 'utf8').trim());
         this.#dropSecrets(dir);
+        if (spec.restore) {
+          try {
+            await this.#resume(spec, spec.restore.stateFile);
+          } catch (e) {
+            await this.stop(pid, dir);
+            throw e;
+          }
+        }
         return { pid, ssh: { host: '127.0.0.1', port }, consoleLog, accel: accel.accel };
       }
       const err = r.stderr.trim();
@@ -105,6 +130,60 @@ export class QemuDriver implements Driver {
         hint: `the full command line is in ${join(dir, 'qemu.args')}`,
       });
     }
+  }
+
+  canSnapshot(image: Image): boolean {
+    return image.identity === 'fw_cfg' && image.kernelPath !== null && (image.features ?? []).includes('restore-agent');
+  }
+
+  async snapshotCompat(image: Image): Promise<Record<string, string>> {
+    const v = await run(this.opts.binary, ['--version']);
+    const accel = await chooseAccel({
+      setting: this.opts.accel, qemu: this.opts.binary, kernel: image.kernelPath, initrd: image.initrdPath, cacheFile: this.opts.accelCacheFile, log: silentLogger,
+    });
+    return { qemu: v.stdout.split('\n')[0]!.trim(), accel: accel.accel, tcgTbSize: String(this.opts.tcgTbSize) };
+  }
+
+  /** Loads the saved state into a QEMU started with -incoming defer, resumes it, and gives the guest its identity. */
+  async #resume(spec: StartSpec, stateFile: string): Promise<void> {
+    const fail = (why: string) =>
+      new MayflyError(ErrorCode.RESTORE_FAILED, `restoring ${spec.id} from ${stateFile} failed: ${why}`, {
+        hint: 'mayfly boots the machine instead and makes the snapshot again; `mayfly --debug` shows the details',
+      });
+    const qmp = await Qmp.connect(join(spec.dir, 'qmp.sock'));
+    try {
+      await qmp.command('migrate-incoming', { uri: `exec:cat ${shellQuote(stateFile)}` });
+      const m = await qmp.waitMigration(60_000);
+      if (m.status !== 'completed') throw new Error(`the memory state did not load (${m.status}${m.error ? `: ${m.error}` : ''})`);
+      await qmp.command('cont');
+    } catch (e) {
+      // QEMU exits when an incoming migration fails, which closes QMP under us.
+      throw fail(e instanceof MayflyError ? e.message : `the memory state did not load (${(e as Error).message})`);
+    } finally {
+      qmp.close();
+    }
+    await sendIdentity(join(spec.dir, 'agent.sock'), spec.identity).catch((e: Error) => {
+      throw fail(`the guest did not take its identity: ${e.message}`);
+    });
+  }
+
+  async saveSnapshot(pid: number, dir: string, stateFile: string): Promise<void> {
+    const qmp = await Qmp.connect(join(dir, 'qmp.sock'));
+    try {
+      // QEMU caps migration at ~128 MiB/s by default; a file is no network.
+      await qmp.command('migrate-set-parameters', { 'max-bandwidth': 10_000_000_000 });
+      await qmp.command('stop');
+      await qmp.command('migrate', { uri: `exec:cat > ${shellQuote(stateFile)}` });
+      const m = await qmp.waitMigration(300_000);
+      if (m.status !== 'completed') {
+        throw new MayflyError(ErrorCode.SNAPSHOT_FAILED, `saving the machine's memory state failed (${m.status}${m.error ? `: ${m.error}` : ''})`);
+      }
+      await qmp.command('quit').catch(() => {}); // the connection may close before the answer
+    } finally {
+      qmp.close();
+    }
+    for (let i = 0; i < 100 && processAlive(pid); i++) await sleep(50);
+    await this.stop(pid, dir);
   }
 
   /** The clone's identity, handed to the guest at boot (fw_cfg for mayfly images, a NoCloud seed for imported ones). */

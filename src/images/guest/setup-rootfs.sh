@@ -8,6 +8,10 @@ set -eu
 g=/tmp/mayfly-guest
 install -m 0755 "$g/mayfly-guest-init" /usr/local/sbin/mayfly-guest-init
 install -m 0644 "$g/mayfly-guest-init.service" /etc/systemd/system/mayfly-guest-init.service
+# Snapshot templates (see mayfly-guest-snapshot): not enabled, started only in a template.
+install -m 0755 "$g/mayfly-guest-snapshot" /usr/local/sbin/mayfly-guest-snapshot
+install -m 0755 "$g/mayfly-guest-restore" /usr/local/sbin/mayfly-guest-restore
+install -m 0644 "$g/mayfly-guest-restore.service" /etc/systemd/system/mayfly-guest-restore.service
 mkdir -p /etc/systemd/system/sysinit.target.wants
 ln -sf /etc/systemd/system/mayfly-guest-init.service /etc/systemd/system/sysinit.target.wants/mayfly-guest-init.service
 
