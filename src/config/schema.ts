@@ -11,6 +11,8 @@ import * as z from 'zod';
 export const IMAGE_NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
 export const ACCELS = ['auto', 'kvm', 'tcg'] as const;
 export const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'silent'] as const;
+/** `storage.backend`: the directory clone backends (src/storage/detect.ts), fastest first, or auto. */
+export const STORAGE_BACKENDS = ['auto', 'btrfs-snapshot', 'reflink', 'overlayfs', 'copy'] as const;
 
 const imageName = z.string().regex(IMAGE_NAME, {
   error: 'must be an image name: 1 to 63 characters of a-z, 0-9, ".", "_" or "-", starting with a letter or digit',
@@ -101,6 +103,10 @@ export const configSections = {
   }),
   log: section({
     level: z.enum(LOG_LEVELS).default('info'),
+  }),
+  /** How container roots are cloned; VM disks are always qcow2 overlays. */
+  storage: section({
+    backend: z.enum(STORAGE_BACKENDS).default('auto'),
   }),
   /** Named machine sizes; `small`, `medium` and `large` always exist and may be redefined. */
   sizes: z.record(sizeLabel, sizeSchema).default({}),
