@@ -26,7 +26,11 @@ export const overlayfs: StorageBackend = {
       for (const d of [lower, upper, work, merged]) mkdirSync(d);
       writeFileSync(join(lower, 'file'), 'lower');
       const r = await mountOverlay(lower, upper, work, merged);
-      if (r.code !== 0) return { usable: false, reason: `a test overlay mount on ${type} failed: ${output(r)}` };
+      if (r.code !== 0) {
+        // mount(8) only says "wrong fs type, bad option, …" for this common case (a data dir inside a container).
+        if (type === 'overlay') return { usable: false, reason: "the data dir is on overlayfs, which cannot hold an overlay's upper dir" };
+        return { usable: false, reason: `a test overlay mount on ${type} failed: ${output(r)}` };
+      }
       try {
         writeFileSync(join(merged, 'new'), 'upper');
         if (readFileSync(join(merged, 'file'), 'utf8') !== 'lower' || !existsSync(join(upper, 'new')) || existsSync(join(lower, 'new'))) {
