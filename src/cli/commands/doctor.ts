@@ -159,10 +159,10 @@ function advise(r: DoctorReport, dir: StorageReport): string[] {
   const chosen = r.storage.dir.chosen;
   if (r.storage.dir.error) out.push(r.storage.dir.error.split('\n')[0]!);
   if (r.dataDir.filesystem === 'btrfs' && !findOnPath('btrfs')) {
-    out.push('apt-get install btrfs-progs: the data dir is on btrfs, and with it container clones are ~5 ms snapshots');
+    out.push('apt-get install btrfs-progs: the data dir is on btrfs, and with it container clones are snapshots made in milliseconds');
   } else if (!usable('btrfs-snapshot')) {
     const now = chosen ? ` (now: ${slowerClones[chosen] ?? chosen})` : '';
-    out.push(`put the data dir on btrfs for ~5 ms snapshot clones of containers${now}`);
+    out.push(`put the data dir on btrfs: container clones become snapshots made in milliseconds, whatever their size${now}`);
   }
   if (!usable('overlayfs') && !usable('btrfs-snapshot') && !usable('reflink') && !r.host.root) {
     out.push('run mayfly as root: overlayfs clones (instant, on any filesystem) need it');
