@@ -113,7 +113,10 @@ async function kvmStatus(dataDir: string, config: Config): Promise<DoctorReport[
   try {
     accessSync('/dev/kvm', constants.R_OK | constants.W_OK);
   } catch {
-    return { usable: false, status: 'unusable', reason: '/dev/kvm is missing or not accessible: VMs use TCG (software emulation)' };
+    const why = existsSync('/dev/kvm')
+      ? '/dev/kvm is not accessible to this user (root or the kvm group can open it)'
+      : '/dev/kvm is missing (no hardware virtualization here)';
+    return { usable: false, status: 'unusable', reason: `${why}: VMs use TCG (software emulation)` };
   }
   if (config.qemu.accel === 'kvm') return { usable: true, status: 'forced', reason: 'qemu.accel = "kvm" in the config (not probed)' };
   let cached: { accel?: unknown; reason?: unknown; key?: unknown };
@@ -170,7 +173,10 @@ function advise(r: DoctorReport, dir: StorageReport): string[] {
   if (!r.nspawn.available) out.push('apt-get install systemd-container: container images will run in systemd-nspawn (that driver is not built yet)');
   if (r.storage.disk.chosen === null) out.push('apt-get install qemu-utils: VM disks are qcow2 overlays made with qemu-img');
   if (r.kvm.status === 'not-probed' || r.kvm.status === 'stale') out.push('run `mayfly run -- true` once: it probes whether KVM runs a guest here');
-  if (r.kvm.usable === false) out.push('VMs run under TCG (software emulation): a host with working KVM boots and runs them several times faster');
+  if (r.kvm.usable === false) {
+    if (!existsSync('/dev/kvm')) out.push('enable hardware virtualization (or nested virtualization on a VM host) for KVM: TCG runs VMs several times slower');
+    else if (!r.host.root && r.kvm.status === 'unusable' && r.kvm.reason.includes('not accessible')) out.push('run mayfly as root or in the kvm group: /dev/kvm is there');
+  }
   if (r.dataDir.freeBytes < LOW_SPACE) out.push(`only ${bytes(r.dataDir.freeBytes)} free in the data dir: images and clones need room`);
   return out;
 }
