@@ -1,6 +1,6 @@
 #!/bin/sh
 # Installs everything mayfly needs on a Debian 12 host (root). Safe to run again.
-#   - Debian packages: QEMU, qemu-img, mmdebstrap, mkfs.ext4, genisoimage, git
+#   - Debian packages: QEMU, qemu-img, mmdebstrap, mkfs.ext4, genisoimage, git, btrfs-progs, xfsprogs
 #   - Node.js 26 in a private prefix (.node/) when the system's node is older than 24
 #   - npm dependencies (npm ci), and `mayfly` on the PATH (/usr/local/bin/mayfly)
 set -eu
@@ -13,7 +13,7 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
-packages="qemu-system-x86 qemu-utils mmdebstrap e2fsprogs genisoimage git tar ca-certificates openssh-client"
+packages="qemu-system-x86 qemu-utils mmdebstrap e2fsprogs genisoimage git tar ca-certificates openssh-client btrfs-progs xfsprogs"
 missing=""
 for p in $packages; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"

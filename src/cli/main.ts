@@ -6,6 +6,7 @@ import { version } from '../version.ts';
 import { createContext, defaultDataDir, type Context, type GlobalOptions, type LogChoice } from './context.ts';
 import { registerGitlab } from './commands/gitlab.ts';
 import { registerDaemon } from './commands/daemon.ts';
+import { registerDoctor } from './commands/doctor.ts';
 import { registerExec } from './commands/exec.ts';
 import { registerImage } from './commands/image.ts';
 import { registerLicenses } from './commands/licenses.ts';
@@ -32,6 +33,7 @@ export function buildProgram(): Command {
   registerImage(program, context);
   registerDaemon(program, context);
   registerGitlab(program, context);
+  registerDoctor(program, context);
   registerLicenses(program);
   program.hook('postAction', () => ctx?.close());
   return program;

@@ -13,6 +13,8 @@ export const ACCELS = ['auto', 'kvm', 'tcg'] as const;
 export const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'silent'] as const;
 /** How a machine starts: from a snapshot template (about a second), or a full boot. */
 export const START_MODES = ['restore', 'boot'] as const;
+/** `storage.backend`: the directory clone backends (src/storage/detect.ts), fastest first, or auto. */
+export const STORAGE_BACKENDS = ['auto', 'btrfs-snapshot', 'reflink', 'overlayfs', 'copy'] as const;
 
 const imageName = z.string().regex(IMAGE_NAME, {
   error: 'must be an image name: 1 to 63 characters of a-z, 0-9, ".", "_" or "-", starting with a letter or digit',
@@ -108,6 +110,10 @@ export const configSections = {
   }),
   log: section({
     level: z.enum(LOG_LEVELS).default('info'),
+  }),
+  /** How container roots are cloned; VM disks are always qcow2 overlays. */
+  storage: section({
+    backend: z.enum(STORAGE_BACKENDS).default('auto'),
   }),
   /** Named machine sizes; `small`, `medium` and `large` always exist and may be redefined. */
   sizes: z.record(sizeLabel, sizeSchema).default({}),

@@ -7,6 +7,7 @@ import type { Clone, CloneRequest, Probe, StorageBackend } from './types.ts';
 /** qcow2 overlay on the image's disk: a few ms and a few hundred KiB, on any filesystem. */
 export const qcow2Overlay: StorageBackend = {
   name: 'qcow2-overlay',
+  kind: 'disk',
 
   async probe(): Promise<Probe> {
     return findOnPath('qemu-img')

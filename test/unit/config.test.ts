@@ -24,6 +24,7 @@ const DEFAULTS: Config = {
   qemu: { binary: 'qemu-system-x86_64', accel: 'auto', boot_timeout: 120, boot_retries: 1, tcg_tb_size: 64 },
   images: { recipe_dirs: [], keep_versions: 3, start: {} },
   log: { level: 'info' },
+  storage: { backend: 'auto' },
   sizes: {},
   capacity: { cpu_overcommit: 4, memory_overcommit: 1, memory_reserve: 1024 },
   daemon: {
@@ -96,9 +97,9 @@ level = "debug"
     );
     assert.deepEqual(loadConfig(path), {
       ...DEFAULTS,
-      defaults: { image: 'alpine-3.20', cpus: 8, memory: 1024, disk: 4 },
+      defaults: { image: 'alpine-3.20', cpus: 8, memory: 1024, disk: 4, start: 'restore' },
       qemu: { binary: 'qemu-system-x86_64', accel: 'tcg', boot_timeout: 300, boot_retries: 1, tcg_tb_size: 64 },
-      images: { recipe_dirs: ['/srv/recipes', '/opt/more'], keep_versions: 3 },
+      images: { recipe_dirs: ['/srv/recipes', '/opt/more'], keep_versions: 3, start: {} },
       log: { level: 'debug' },
     });
   });
@@ -127,6 +128,15 @@ level = "debug"
       `${path}:2: log.level: must be one of "trace", "debug", "info", "warn", "error", "silent" (got "loud")`,
     );
   });
+
+  test('storage.backend takes "auto" or a directory backend, and says which when wrong', () => {
+    assert.equal(loadConfig(writeFile('storage.toml', '[storage]\nbackend = "overlayfs"\n')).storage.backend, 'overlayfs');
+    const path = writeFile('storage-bad.toml', '[storage]\nbackend = "zfs"\n');
+    assert.equal(
+      catchMayfly(() => loadConfig(path)).message,
+      `${path}:2: storage.backend: must be one of "auto", "btrfs-snapshot", "reflink", "overlayfs", "copy" (got "zfs")`,
+    );
+  });
 });
 
 describe('config validation messages', () => {
@@ -139,7 +149,7 @@ describe('config validation messages', () => {
   test('unknown table header at top level', () => {
     assert.equal(
       check('[log]\nlevel = "info"\n\n[server]\nport = 1\n'),
-      "c.toml:4: server: unknown key 'server' (valid keys here: defaults, qemu, images, log, sizes, capacity, daemon, pool, gitlab)",
+      "c.toml:4: server: unknown key 'server' (valid keys here: defaults, qemu, images, log, storage, sizes, capacity, daemon, pool, gitlab)",
     );
   });
 

@@ -20,7 +20,7 @@ test('the identity message: one `key value` word per line, binary values in base
   const b = identityMessage(identity, 1_700_000_000_123);
   const fields = Object.fromEntries(a.trim().split('\n').map((l) => [l.split(' ')[0], l.split(' ').slice(1)]));
   assert.deepEqual(Object.keys(fields), ['id', 'hostname', 'machine_id', 'time', 'seed', 'host_key', 'host_key_pub', 'authorized_key', 'end']);
-  for (const [k, v] of Object.entries(fields)) assert.ok(k === 'end' ? v.length === 0 : v.length === 1, `${k} is one word`);
+  for (const [k, v] of Object.entries(fields) as [string, string[]][]) assert.ok(k === 'end' ? v.length === 0 : v.length === 1, `${k} is one word`);
   assert.equal(fields.time![0], '1700000000.123');
   assert.match(fields.machine_id![0]!, /^[0-9a-f]{32}$/);
   assert.equal(Buffer.from(fields.seed![0]!, 'base64').length, 64);
