@@ -47,6 +47,7 @@ function kernelArgs(args: string, verbose = false): string {
 export class QemuDriver implements Driver {
   readonly name = 'qemu';
   readonly opts: QemuDriverOptions;
+  #version: Promise<string> | undefined;
 
   constructor(opts: QemuDriverOptions) {
     this.opts = opts;
@@ -80,6 +81,7 @@ export class QemuDriver implements Driver {
       });
     }
 
+    const t0 = Date.now();
     for (let attempt = 1; ; attempt++) {
       ctx.signal?.throwIfAborted();
       const port = await freePort();
@@ -115,7 +117,8 @@ export class QemuDriver implements Driver {
         this.#dropSecrets(dir);
         if (spec.restore) {
           try {
-            await this.#resume(spec, spec.restore.stateFile);
+            ctx.log.debug({ instance: spec.id, ms: Date.now() - t0 }, 'QEMU started; loading the memory state');
+            await this.#resume(spec, spec.restore.stateFile, ctx.log, t0);
           } catch (e) {
             await this.stop(pid, dir);
             throw e;
@@ -137,7 +140,9 @@ export class QemuDriver implements Driver {
   }
 
   async snapshotCompat(image: Image): Promise<Record<string, string>> {
-    const v = await run(this.opts.binary, ['--version']);
+    // The QEMU binary does not change under a running process: ask it once.
+    this.#version ??= run(this.opts.binary, ['--version']).then((r) => r.stdout);
+    const v = { stdout: await this.#version };
     const accel = await chooseAccel({
       setting: this.opts.accel, qemu: this.opts.binary, kernel: image.kernelPath, initrd: image.initrdPath, cacheFile: this.opts.accelCacheFile, log: silentLogger,
     });
@@ -145,7 +150,7 @@ export class QemuDriver implements Driver {
   }
 
   /** Loads the saved state into a QEMU started with -incoming defer, resumes it, and gives the guest its identity. */
-  async #resume(spec: StartSpec, stateFile: string): Promise<void> {
+  async #resume(spec: StartSpec, stateFile: string, log: Logger, t0: number): Promise<void> {
     const fail = (why: string) =>
       new MayflyError(ErrorCode.RESTORE_FAILED, `restoring ${spec.id} from ${stateFile} failed: ${why}`, {
         hint: 'mayfly boots the machine instead and makes the snapshot again; `mayfly --debug` shows the details',
@@ -156,6 +161,7 @@ export class QemuDriver implements Driver {
       const m = await qmp.waitMigration(60_000);
       if (m.status !== 'completed') throw new Error(`the memory state did not load (${m.status}${m.error ? `: ${m.error}` : ''})`);
       await qmp.command('cont');
+      log.debug({ instance: spec.id, ms: Date.now() - t0 }, 'memory state loaded; running');
     } catch (e) {
       // QEMU exits when an incoming migration fails, which closes QMP under us.
       throw fail(e instanceof MayflyError ? e.message : `the memory state did not load (${(e as Error).message})`);
@@ -165,6 +171,7 @@ export class QemuDriver implements Driver {
     await sendIdentity(join(spec.dir, 'agent.sock'), spec.identity).catch((e: Error) => {
       throw fail(`the guest did not take its identity: ${e.message}`);
     });
+    log.debug({ instance: spec.id, ms: Date.now() - t0 }, 'the guest took its identity');
   }
 
   async saveSnapshot(pid: number, dir: string, stateFile: string): Promise<void> {
