@@ -56,6 +56,8 @@ describe('snapshot restore', { timeout: 900_000 }, () => {
 
   after(async () => {
     for (const l of leases) await l.release().catch(() => {});
+    const store = new ImageStore(testDataDir());
+    for (const v of store.versions('restore-copy')) store.remove('restore-copy', v);
     engine.close();
     server.close();
   });

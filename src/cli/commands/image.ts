@@ -12,11 +12,19 @@ export function registerImage(program: Command, context: ContextFactory): void {
     .command('build')
     .description('build a new version of an image from a recipe (a built-in name or a .toml file)')
     .argument('[recipe]', 'recipe name or path', 'debian-12')
-    .action(async (recipeRef: string) => {
+    .option('--snapshot', 'also make its snapshot template now (for [defaults] size), instead of on first use')
+    .action(async (recipeRef: string, o: { snapshot?: boolean }) => {
       const ctx = context();
       const recipe = findRecipe(recipeRef, ctx.config.images.recipe_dirs);
       const engine = ctx.engine();
       const img = await withAbort((signal) => buildImage(engine.images, recipe, { log: ctx.log, signal }));
+      if (o.snapshot) {
+        if (!engine.templates.canSnapshot(img)) {
+          throw new MayflyError(ErrorCode.SNAPSHOT_FAILED, `image ${img.name}:${img.version} cannot be restored from a snapshot`, { hint: 'its machines boot' });
+        }
+        const t = await withAbort((signal) => engine.templates.ensure(img, engine.resolveSize(), signal));
+        ctx.log.info({ template: t.dir, seconds: t.meta.seconds }, 'snapshot template made');
+      }
       if (ctx.opts.json) printJson(img);
       else process.stdout.write(`${img.name}:${img.version} ${img.id}\n`);
     });
