@@ -45,7 +45,7 @@ export async function chooseAccel(opts: {
   if (!kvmOpenable) return { accel: 'tcg', reason: '/dev/kvm is missing or not accessible' };
   if (!opts.kernel || !opts.initrd) return { accel: 'tcg', reason: 'no kernel to probe KVM with; using TCG' };
 
-  const version = (await run(opts.qemu, ['--version'])).stdout.split('\n')[0] ?? '';
+  const version = await qemuVersion(opts.qemu);
   const key = `${release()}|${version}`;
   const cached = readCache(opts.cacheFile);
   if (cached?.key === key) return { accel: cached.accel, reason: cached.reason };
@@ -55,6 +55,17 @@ export async function chooseAccel(opts: {
   mkdirSync(dirname(opts.cacheFile), { recursive: true });
   writeFileSync(opts.cacheFile, JSON.stringify({ ...choice, key } satisfies CacheEntry) + '\n');
   return choice;
+}
+
+// A binary's version does not change under a running process; each machine start asked it anew (~50 ms).
+const versions = new Map<string, Promise<string>>();
+function qemuVersion(qemu: string): Promise<string> {
+  let v = versions.get(qemu);
+  if (!v) {
+    v = run(qemu, ['--version']).then((r) => r.stdout.split('\n')[0] ?? '');
+    versions.set(qemu, v);
+  }
+  return v;
 }
 
 function canOpenKvm(): boolean {
