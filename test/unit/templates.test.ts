@@ -1,0 +1,92 @@
+import assert from 'node:assert/strict';
+import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Writable } from 'node:stream';
+import { after, test } from 'node:test';
+import type { Driver } from '../../src/drivers/types.ts';
+import type { Image } from '../../src/images/store.ts';
+import { createLogger } from '../../src/log.ts';
+import { Templates, type TemplateMeta } from '../../src/pool/templates.ts';
+import { SqliteStateStore } from '../../src/state/index.ts';
+import { qcow2Overlay } from '../../src/storage/index.ts';
+
+// Which saved templates may be restored: only those made from the same image content with the
+// same emulator setup. (Making and restoring them needs real machines: test/integration/restore.)
+
+const dir = mkdtempSync(join(tmpdir(), 'mayfly-templates-'));
+after(() => rmSync(dir, { recursive: true, force: true }));
+
+let compat: Record<string, string> = { qemu: 'QEMU emulator version 7.2.0', accel: 'tcg', tcgTbSize: '64' };
+const driver: Driver = {
+  name: 'fake',
+  start: () => Promise.reject(new Error('not used')),
+  deadReason: () => undefined,
+  stop: async () => {},
+  killNow: () => {},
+  consoleTail: () => '',
+  listHost: () => [],
+  canSnapshot: (i) => (i.features ?? []).includes('restore-agent'),
+  saveSnapshot: async () => {},
+  snapshotCompat: async () => compat,
+};
+let logged = '';
+const log = createLogger({ json: true, destination: new Writable({ write: (c: Buffer, _e, cb) => ((logged += c.toString()), cb()) }) });
+const state = new SqliteStateStore(join(dir, 'state.db'));
+after(() => state.close());
+const templates = new Templates({ instancesDir: join(dir, 'instances'), state, driver, storage: qcow2Overlay, log, bootTimeoutMs: 1000, bootRetries: 0 });
+
+const image = { name: 'debian-12', version: 1, id: 'sha256:aaa', dir: join(dir, 'images', 'debian-12', '1'), features: ['restore-agent'], identity: 'fw_cfg' } as unknown as Image;
+const size = { cpus: 2, memoryMiB: 1024, diskGiB: 4 };
+
+function saved(meta: Partial<TemplateMeta> = {}): string {
+  const d = templates.dirFor(image, size);
+  mkdirSync(d, { recursive: true });
+  writeFileSync(join(d, 'state'), 'state');
+  writeFileSync(join(d, 'disk.qcow2'), 'disk');
+  const full: TemplateMeta = { imageId: image.id, size, compat: { ...compat }, createdAt: '', stateBytes: 5, seconds: 1, ...meta };
+  writeFileSync(join(d, 'meta.json'), JSON.stringify(full));
+  return d;
+}
+
+test('a template of the same image and emulator is found, per size', async () => {
+  const d = saved();
+  assert.equal(d, join(image.dir, 'templates', '2cpu-1024mb-4gb'));
+  const t = await templates.find(image, size);
+  assert.equal(t?.state, join(d, 'state'));
+  assert.equal(await templates.find(image, { ...size, memoryMiB: 2048 }), undefined);
+  assert.equal(templates.canSnapshot(image), true);
+  assert.equal(templates.canSnapshot({ ...image, features: [] } as Image), false, 'images without the restore agent boot');
+});
+
+test('another QEMU, accelerator or image content makes it stale: removed with a log line saying why', async () => {
+  for (const [change, pattern] of [
+    [() => (compat = { ...compat, qemu: 'QEMU emulator version 8.0.0' }), /another qemu \(QEMU emulator version 7.2.0 → QEMU emulator version 8.0.0\)/],
+    [() => (compat = { ...compat, accel: 'kvm' }), /another accel \(tcg → kvm\)/],
+  ] as const) {
+    const d = saved();
+    change();
+    logged = '';
+    assert.equal(await templates.find(image, size), undefined);
+    assert.match(logged, pattern);
+    assert.equal(existsSync(join(d, 'meta.json')), false);
+    assert.equal(existsSync(join(d, 'state')), false);
+    assert.equal(existsSync(join(d, 'disk.qcow2')), true, 'the disk stays: running clones may still read it');
+  }
+  saved({ imageId: 'sha256:other' });
+  logged = '';
+  assert.equal(await templates.find(image, size), undefined);
+  assert.match(logged, /image content/);
+  const d = saved();
+  writeFileSync(join(d, 'meta.json'), '{not json');
+  logged = '';
+  assert.equal(await templates.find(image, size), undefined);
+  assert.match(logged, /its meta.json is unreadable/);
+});
+
+test('a template that failed to restore is dropped so the next start makes a new one', async () => {
+  saved();
+  const t = (await templates.find(image, size))!;
+  templates.drop(t, 'the memory state did not load');
+  assert.equal(await templates.find(image, size), undefined);
+});
