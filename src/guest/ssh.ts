@@ -167,10 +167,17 @@ export class GuestChannel {
    */
   static async waitReady(
     ep: GuestEndpoint,
-    opts: { timeoutMs: number; alive?: () => string | undefined; signal?: AbortSignal },
+    opts: {
+      timeoutMs: number;
+      alive?: () => string | undefined;
+      signal?: AbortSignal;
+      /** The guest's network is known to be up (a restored machine): connect without probing first. */
+      networkUp?: boolean;
+    },
   ): Promise<GuestChannel> {
     const deadline = Date.now() + opts.timeoutMs;
     let lastError = 'no answer yet';
+    let probe = !opts.networkUp;
     while (Date.now() < deadline) {
       opts.signal?.throwIfAborted();
       const dead = opts.alive?.();
@@ -178,7 +185,7 @@ export class GuestChannel {
       // Cheap probes until sshd greets: a connection made while the guest's network is still
       // down sits in slirp's SYN retransmits for seconds, so it is dropped after a second and
       // made anew rather than waited on.
-      if (!(await sshBanner(ep.host, ep.port, 1000))) {
+      if (probe && !(await sshBanner(ep.host, ep.port, 1000))) {
         lastError = 'sshd does not answer yet';
         await sleep(100, undefined, { signal: opts.signal }).catch(() => opts.signal!.throwIfAborted());
         continue;
@@ -198,7 +205,9 @@ export class GuestChannel {
         lastError = errorText(e);
       }
       ch?.close();
-      await sleep(200, undefined, { signal: opts.signal }).catch(() => opts.signal!.throwIfAborted());
+      // A restored guest's sshd is re-executing with the clone's key: a refusal is brief.
+      probe = !opts.networkUp;
+      await sleep(opts.networkUp ? 50 : 200, undefined, { signal: opts.signal }).catch(() => opts.signal!.throwIfAborted());
     }
     throw new MayflyError(ErrorCode.BOOT_TIMEOUT, `the machine did not answer over SSH within ${Math.round(opts.timeoutMs / 1000)} s (last: ${lastError})`);
   }

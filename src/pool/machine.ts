@@ -121,6 +121,7 @@ export class Machine {
   /** A clone of the template's saved machine: overlay on its frozen disk, memory state loaded, identity handed over. */
   async #restore(t: Template, identity: MachineIdentity, signal: AbortSignal | undefined): Promise<void> {
     const d = this.#deps;
+    d.log.debug({ instance: this.id }, 'restoring from the snapshot template');
     const disk = await d.storage.clone({ base: t.disk, instanceDir: this.dir, sizeBytes: this.size.diskGiB * 1024 ** 3 });
     try {
       d.state.updateInstance(this.id, { state: 'booting' });
@@ -134,7 +135,9 @@ export class Machine {
         timeoutMs: 30_000,
         signal,
         alive: () => d.driver.deadReason(this.started.pid, this.dir),
+        networkUp: true,
       });
+      d.log.debug({ instance: this.id }, 'restored machine answers over SSH');
       this.restored = true;
     } catch (e) {
       if (this.started) await d.driver.stop(this.started.pid, this.dir);

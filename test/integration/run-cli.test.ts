@@ -44,7 +44,7 @@ describe('mayfly run', { timeout: 900_000 }, () => {
   });
 
   test('SIGINT while the machine is still booting also cleans up', async () => {
-    const child = startMayfly(['--debug', 'run', '--', 'true']);
+    const child = startMayfly(['--debug', 'run', '--start', 'boot', '--', 'true']);
     const result = collect(child);
     let err = '';
     child.stderr!.on('data', (c: Buffer) => (err += c.toString()));
@@ -88,7 +88,7 @@ describe('mayfly run', { timeout: 900_000 }, () => {
       // Under TCG a boot takes ~11 s, so 5 s always times out (with KVM it may not). The retry
       // boots without 'quiet', so its console has lines to show.
       writeFileSync(cfg, '[qemu]\nboot_timeout = 5\nboot_retries = 1\n');
-      const r = await mayfly(['--config', cfg, 'run', '--', 'true']);
+      const r = await mayfly(['--config', cfg, 'run', '--start', 'boot', '--', 'true']);
       if (r.code === 0) return; // a host fast enough to boot in 5 s proves nothing here
       assert.equal(r.code, 125, r.stderr);
       assert.match(r.stderr, /did not answer over SSH within 5 s/);

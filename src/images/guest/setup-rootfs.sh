@@ -38,6 +38,8 @@ PermitRootLogin prohibit-password
 UseDNS no
 MaxSessions 64
 MaxStartups 64:30:128
+# A snapshot template listens on the guest's loopback only (see mayfly-guest-snapshot).
+Include /run/mayfly-sshd-*.conf
 CONF
 
 # User-mode networking (slirp) always gives 10.0.2.15; static addressing skips DHCP.
