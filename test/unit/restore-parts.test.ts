@@ -15,21 +15,25 @@ after(() => rmSync(dir, { recursive: true, force: true }));
 
 const identity = { id: 'vm-abc', hostname: 'vm-abc', hostKey: generateEd25519('root@vm-abc'), authorizedKey: generateEd25519('mayfly@vm-abc').publicKey };
 
-test('the identity message: one `key value` word per line, binary values in base64, fresh randomness each time', () => {
+test('the identity message: `key value` lines, the private key line by line, fresh randomness each time', () => {
   const a = identityMessage(identity, 1_700_000_000_123);
   const b = identityMessage(identity, 1_700_000_000_123);
-  const fields = Object.fromEntries(a.trim().split('\n').map((l) => [l.split(' ')[0], l.split(' ').slice(1)]));
-  assert.deepEqual(Object.keys(fields), ['id', 'hostname', 'machine_id', 'time', 'seed', 'host_key', 'host_key_pub', 'authorized_key', 'end']);
-  for (const [k, v] of Object.entries(fields) as [string, string[]][]) assert.ok(k === 'end' ? v.length === 0 : v.length === 1, `${k} is one word`);
-  assert.equal(fields.time![0], '1700000000.123');
-  assert.match(fields.machine_id![0]!, /^[0-9a-f]{32}$/);
-  assert.equal(Buffer.from(fields.seed![0]!, 'base64').length, 64);
-  assert.equal(Buffer.from(fields.host_key![0]!, 'base64').toString(), identity.hostKey.privateKey);
-  assert.equal(Buffer.from(fields.authorized_key![0]!, 'base64').toString(), identity.authorizedKey + '\n');
+  const lines = a.trimEnd().split('\n');
+  const value = (k: string) => lines.filter((l) => l.startsWith(`${k} `)).map((l) => l.slice(k.length + 1));
+  assert.deepEqual([...new Set(lines.map((l) => l.split(' ')[0]))], ['id', 'hostname', 'machine_id', 'time', 'seed', 'host_key_line', 'host_key_pub', 'authorized_key', 'end']);
+  assert.equal(lines.at(-1), 'end');
+  assert.deepEqual(value('time'), ['1700000000.123']);
+  assert.match(value('machine_id')[0]!, /^[0-9a-f]{32}$/);
+  assert.match(value('seed')[0]!, /^[0-9a-f]{128}$/);
+  // What the agent rebuilds (each line plus a newline) is the key, byte for byte.
+  assert.equal(value('host_key_line').map((l) => l + '\n').join(''), identity.hostKey.privateKey);
+  assert.deepEqual(value('host_key_pub'), [identity.hostKey.publicKey]);
+  assert.deepEqual(value('authorized_key'), [identity.authorizedKey]);
   const seedOf = (m: string) => /^seed (\S+)$/m.exec(m)![1];
   const midOf = (m: string) => /^machine_id (\S+)$/m.exec(m)![1];
   assert.notEqual(seedOf(a), seedOf(b));
   assert.notEqual(midOf(a), midOf(b));
+  assert.throws(() => identityMessage({ ...identity, authorizedKey: 'a\nb' }), /one line/);
 });
 
 test('sendIdentity waits for the agent to acknowledge this clone, and fails clearly when it does not', async () => {

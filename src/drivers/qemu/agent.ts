@@ -5,21 +5,25 @@ import type { MachineIdentity } from '../types.ts';
 
 // The host's side of the guest's restore agent (images/guest/mayfly-guest-restore): right after
 // a clone resumes from a template's memory state, its identity goes down a virtio-serial port as
-// `key value` lines, and the guest answers "restored ID" once sshd runs with it. Binary values
-// are base64 so that every value is one word on one line.
+// `key value` lines (the private key one line at a time, random bytes in hex), and the guest
+// answers "restored ID" once sshd runs with it.
 
 /** The message the guest reads; the time is taken at the last moment, the clock stood still since the save. */
 export function identityMessage(identity: MachineIdentity, now = Date.now()): string {
-  const b64 = (s: string | Buffer) => Buffer.from(s).toString('base64');
+  const oneLine = (what: string, v: string) => {
+    const t = v.trim();
+    if (t.includes('\n')) throw new Error(`${what} must be one line`);
+    return t;
+  };
   return [
     `id ${identity.id}`,
     `hostname ${identity.hostname}`,
     `machine_id ${randomBytes(16).toString('hex')}`,
     `time ${(now / 1000).toFixed(3)}`,
-    `seed ${b64(randomBytes(64))}`,
-    `host_key ${b64(identity.hostKey.privateKey)}`,
-    `host_key_pub ${b64(identity.hostKey.publicKey)}`,
-    `authorized_key ${b64(identity.authorizedKey + '\n')}`,
+    `seed ${randomBytes(64).toString('hex')}`,
+    ...identity.hostKey.privateKey.trim().split('\n').map((l) => `host_key_line ${l}`),
+    `host_key_pub ${oneLine('the host public key', identity.hostKey.publicKey)}`,
+    `authorized_key ${oneLine('the authorized key', identity.authorizedKey)}`,
     'end',
     '',
   ].join('\n');
