@@ -8,7 +8,7 @@ import type { Logger } from '../log.ts';
 import type { StateStore } from '../state/index.ts';
 import { diskTooSmall, type StorageBackend } from '../storage/index.ts';
 import { newId } from '../util/ids.ts';
-import type { Template } from './templates.ts';
+import { pinTemplate, type Template } from './templates.ts';
 
 // One machine's life: clone → start → ready (a real command over SSH) → … → destroy.
 // Destroy is the single path out, whatever happened before: normal end, failure, cancel.
@@ -37,6 +37,8 @@ export class Machine {
   readyAfterMs = 0;
   /** Started from a snapshot template rather than booted. */
   restored = false;
+  /** Booted by a retry without `quiet` (the first boot timed out). */
+  verboseBoot = false;
   readonly #deps: MachineDeps;
   #privateKey = '';
   #hostKey = '';
@@ -112,7 +114,8 @@ export class Machine {
         if (req.signal?.aborted) throw e;
         const why = errorText(e);
         this.#deps.log.warn({ instance: this.id, err: why }, 'restoring from the snapshot template failed; booting instead');
-        req.onRestoreFailed?.(req.template, why);
+        // Only a state that does not load condemns the template; a busy host or a full disk does not.
+        if (e instanceof MayflyError && e.code === ErrorCode.SNAPSHOT_CORRUPT) req.onRestoreFailed?.(req.template, why);
       }
     }
     await this.#boot(identity, req.signal);
@@ -122,11 +125,12 @@ export class Machine {
   async #restore(t: Template, identity: MachineIdentity, signal: AbortSignal | undefined): Promise<void> {
     const d = this.#deps;
     d.log.debug({ instance: this.id }, 'restoring from the snapshot template');
-    const disk = await d.storage.clone({ base: t.disk, instanceDir: this.dir, sizeBytes: this.size.diskGiB * 1024 ** 3 });
+    const pinned = pinTemplate(t, this.dir);
+    const disk = await d.storage.clone({ base: pinned.disk, instanceDir: this.dir, sizeBytes: this.size.diskGiB * 1024 ** 3 });
     try {
       d.state.updateInstance(this.id, { state: 'booting' });
       this.started = await d.driver.start(
-        { id: this.id, dir: this.dir, image: this.image, size: this.size, disk, identity, restore: { stateFile: t.state } },
+        { id: this.id, dir: this.dir, image: this.image, size: this.size, disk, identity, restore: { stateFile: pinned.state } },
         { log: d.log, signal },
       );
       d.state.updateInstance(this.id, { pid: this.started.pid, sshPort: this.started.ssh.port, accel: this.started.accel });
@@ -171,6 +175,7 @@ export class Machine {
           signal,
           alive: () => d.driver.deadReason(this.started.pid, this.dir),
         });
+        this.verboseBoot = attempt > 0;
         return;
       } catch (e) {
         const timedOut = e instanceof MayflyError && e.code === ErrorCode.BOOT_TIMEOUT;

@@ -1,10 +1,10 @@
-import { existsSync, mkdirSync, readFileSync, readdirSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { existsSync, linkSync, mkdirSync, readFileSync, readdirSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { basename, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { MachineSize } from '../drivers/types.ts';
 import { ErrorCode, MayflyError, errorText } from '../errors.ts';
 import type { Image } from '../images/store.ts';
-import { processAlive } from '../util/proc.ts';
+import { holderAlive, processAlive } from '../util/proc.ts';
 import { Machine, type MachineDeps } from './machine.ts';
 
 // Snapshot templates: for an image version and a machine size, one machine booted once,
@@ -70,23 +70,40 @@ export class Templates {
     return { dir, disk: join(dir, 'disk.qcow2'), state: join(dir, 'state'), meta };
   }
 
-  /** The template, made now when there is none (one maker at a time per image and size; others wait for it). */
+  /**
+   * The template, made now when there is none (one maker at a time per image and size; others
+   * wait for it). A make that failed is not tried again for an hour (or until the image or the
+   * emulator changes), so every start does not pay a failed template boot first.
+   */
   async ensure(image: Image, size: MachineSize, signal?: AbortSignal): Promise<Template> {
     const found = await this.find(image, size);
     if (found) return found;
     const dir = this.dirFor(image, size);
+    const failed = await this.#recentFailure(image, dir);
+    if (failed) {
+      throw new MayflyError(ErrorCode.SNAPSHOT_FAILED, `making the snapshot template failed ${Math.round((Date.now() - failed.at) / 60_000)} min ago (${failed.reason}); next try after an hour`, {
+        hint: `remove ${dir}.failed.json to try again now`,
+      });
+    }
     mkdirSync(join(dir, '..'), { recursive: true });
     const lock = `${dir}.lock`;
+    // Waiting longer than a maker can take means something is wrong: boot instead.
+    const deadline = Date.now() + 15 * 60_000;
     for (;;) {
       signal?.throwIfAborted();
       try {
         mkdirSync(lock);
         writeFileSync(join(lock, 'pid'), String(process.pid));
         break;
-      } catch {
-        // Another process makes it; take over only when that process is gone.
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+        // Another process makes it; take over only when that process is gone (a pid file still
+        // empty after 10 s belongs to a maker killed as it took the lock).
         const holder = Number(readFileOr(join(lock, 'pid'), '0'));
-        if (holder > 0 && !processAlive(holder)) rmSync(lock, { recursive: true, force: true });
+        const since = mtimeOr(lock);
+        const stale = holder > 0 ? !holderAlive(holder, since) : Date.now() - since > 10_000;
+        if (stale) rmSync(lock, { recursive: true, force: true });
+        if (Date.now() > deadline) throw new MayflyError(ErrorCode.SNAPSHOT_FAILED, `waited 15 min for another process to make ${dir}`);
         await sleep(500);
         const made = await this.find(image, size);
         if (made) return made;
@@ -94,9 +111,27 @@ export class Templates {
     }
     try {
       return (await this.find(image, size)) ?? (await this.#make(image, size, signal));
+    } catch (e) {
+      if (!signal?.aborted) {
+        const record: FailureRecord = { imageId: image.id, compat: await this.#deps.driver.snapshotCompat!(image), at: Date.now(), reason: errorText(e) };
+        writeFileSync(`${dir}.failed.json`, JSON.stringify(record) + '\n');
+      }
+      throw e;
     } finally {
       rmSync(lock, { recursive: true, force: true });
     }
+  }
+
+  async #recentFailure(image: Image, dir: string): Promise<FailureRecord | undefined> {
+    let f: FailureRecord;
+    try {
+      f = JSON.parse(readFileSync(`${dir}.failed.json`, 'utf8')) as FailureRecord;
+    } catch {
+      return undefined;
+    }
+    const compat = await this.#deps.driver.snapshotCompat!(image);
+    const same = f.imageId === image.id && JSON.stringify(f.compat) === JSON.stringify(compat);
+    return same && Date.now() - f.at < 3_600_000 ? f : undefined;
   }
 
   async #make(image: Image, size: MachineSize, signal?: AbortSignal): Promise<Template> {
@@ -106,14 +141,17 @@ export class Templates {
     d.log.info({ image: ref, cpus: size.cpus, memory: size.memoryMiB }, 'making a snapshot template (once per image and size)');
     const dir = this.dirFor(image, size);
     const tmp = `${dir}.tmp-${process.pid}`;
-    // Leftovers of makers that died (kill -9) half-way.
+    // Leftovers of makers of this template that died (kill -9) half-way.
     const parent = join(dir, '..');
+    const prefix = `${basename(dir)}.tmp-`;
     for (const f of readdirSync(parent)) {
-      const m = /\.tmp-(\d+)$/.exec(f);
-      if (m && (Number(m[1]) === process.pid || !processAlive(Number(m[1])))) rmSync(join(parent, f), { recursive: true, force: true });
+      if (f.startsWith(prefix) && !processAlive(Number(f.slice(prefix.length)))) rmSync(join(parent, f), { recursive: true, force: true });
     }
+    rmSync(tmp, { recursive: true, force: true });
     const m = await Machine.create(d, { image, size, owner: `snapshot template of ${ref}`, signal });
     try {
+      // Clones start with the normal (quiet) kernel command line; a template must have it too.
+      if (m.verboseBoot) throw new MayflyError(ErrorCode.SNAPSHOT_FAILED, 'the template machine needed a second, verbose boot');
       const root = await m.root();
       let err = '';
       const prep = await root.exec(['/usr/local/sbin/mayfly-guest-snapshot'], { stderr: (c) => (err += c.toString()), signal });
@@ -137,8 +175,12 @@ export class Templates {
         seconds: +((Date.now() - t0) / 1000).toFixed(1),
       };
       writeFileSync(join(tmp, 'meta.json'), JSON.stringify(meta, null, 2) + '\n');
+      // The image may have been removed meanwhile (image rm --force): leave nothing behind then.
+      if (!existsSync(join(image.dir, 'manifest.json'))) throw new MayflyError(ErrorCode.SNAPSHOT_FAILED, `image ${ref} was removed while its template was made`);
+      // Clones hold hard links of the old generation's files (pin), so removing it is safe.
       rmSync(dir, { recursive: true, force: true });
       renameSync(tmp, dir);
+      rmSync(`${dir}.failed.json`, { force: true });
       d.log.info({ image: ref, seconds: meta.seconds, stateMiB: Math.round(meta.stateBytes / 2 ** 20) }, 'snapshot template ready');
       return { dir, disk: join(dir, 'disk.qcow2'), state: join(dir, 'state'), meta };
     } catch (e) {
@@ -156,9 +198,56 @@ export class Templates {
 
   #drop(dir: string, why: string): void {
     this.#deps.log.warn({ template: dir, why }, 'removing a snapshot template');
-    // Clones restored from it keep using its disk as their base: move it aside, never delete under them.
-    rmSync(join(dir, 'meta.json'), { force: true });
-    rmSync(join(dir, 'state'), { force: true });
+    // Running clones hold hard links of its files (pin): nothing is pulled from under them.
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/**
+ * Hard links of the template's disk and state in a clone's instance dir, taken from one
+ * generation of the template: the clone's overlay and its memory state then always match,
+ * even when the template is remade meanwhile, and removing the template never pulls the base
+ * from under a running clone. (Instance and image dirs are both in the data dir: one filesystem.)
+ */
+export function pinTemplate(t: Template, instanceDir: string): { disk: string; state: string } {
+  const disk = join(instanceDir, 'template-disk.qcow2');
+  const state = join(instanceDir, 'template-state');
+  for (let attempt = 0; attempt < 3; attempt++) {
+    rmSync(disk, { force: true });
+    rmSync(state, { force: true });
+    try {
+      linkSync(t.disk, disk);
+      linkSync(t.state, state);
+    } catch (e) {
+      throw new MayflyError(ErrorCode.RESTORE_FAILED, `the snapshot template ${t.dir} is gone: ${errorText(e)}`);
+    }
+    // Still the generation the clone was given (the make publishes a new one by rename)?
+    if (sameGeneration(readFileOr(join(t.dir, 'meta.json'), ''), t.meta)) return { disk, state };
+  }
+  throw new MayflyError(ErrorCode.RESTORE_FAILED, `the snapshot template ${t.dir} keeps changing under this clone`);
+}
+
+function sameGeneration(metaText: string, meta: TemplateMeta): boolean {
+  try {
+    const now = JSON.parse(metaText) as TemplateMeta;
+    return now.createdAt === meta.createdAt && now.stateBytes === meta.stateBytes && now.imageId === meta.imageId;
+  } catch {
+    return false;
+  }
+}
+
+interface FailureRecord {
+  imageId: string;
+  compat: Record<string, string>;
+  at: number;
+  reason: string;
+}
+
+function mtimeOr(path: string): number {
+  try {
+    return statSync(path).mtimeMs;
+  } catch {
+    return Date.now();
   }
 }
 

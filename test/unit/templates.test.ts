@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
@@ -7,7 +7,7 @@ import { after, test } from 'node:test';
 import type { Driver } from '../../src/drivers/types.ts';
 import type { Image } from '../../src/images/store.ts';
 import { createLogger } from '../../src/log.ts';
-import { Templates, type TemplateMeta } from '../../src/pool/templates.ts';
+import { Templates, pinTemplate, type TemplateMeta } from '../../src/pool/templates.ts';
 import { SqliteStateStore } from '../../src/state/index.ts';
 import { qcow2Overlay } from '../../src/storage/index.ts';
 
@@ -17,7 +17,7 @@ import { qcow2Overlay } from '../../src/storage/index.ts';
 const dir = mkdtempSync(join(tmpdir(), 'mayfly-templates-'));
 after(() => rmSync(dir, { recursive: true, force: true }));
 
-let compat: Record<string, string> = { qemu: 'QEMU emulator version 7.2.0', accel: 'tcg', tcgTbSize: '64' };
+let compat: Record<string, string> = { qemu: 'QEMU emulator version 7.2.0', accel: 'tcg' };
 const driver: Driver = {
   name: 'fake',
   start: () => Promise.reject(new Error('not used')),
@@ -69,9 +69,7 @@ test('another QEMU, accelerator or image content makes it stale: removed with a 
     logged = '';
     assert.equal(await templates.find(image, size), undefined);
     assert.match(logged, pattern);
-    assert.equal(existsSync(join(d, 'meta.json')), false);
-    assert.equal(existsSync(join(d, 'state')), false);
-    assert.equal(existsSync(join(d, 'disk.qcow2')), true, 'the disk stays: running clones may still read it');
+    assert.equal(existsSync(d), false, 'removed whole: running clones hold hard links of its files');
   }
   saved({ imageId: 'sha256:other' });
   logged = '';
@@ -89,4 +87,28 @@ test('a template that failed to restore is dropped so the next start makes a new
   const t = (await templates.find(image, size))!;
   templates.drop(t, 'the memory state did not load');
   assert.equal(await templates.find(image, size), undefined);
+});
+
+test('a clone pins the template: hard links of one generation, which survive the removal of the template', async () => {
+  saved();
+  const t = (await templates.find(image, size))!;
+  const inst = mkdtempSync(join(dir, 'vm-'));
+  const p = pinTemplate(t, inst);
+  templates.drop(t, 'test');
+  assert.equal(readFileSync(p.state, 'utf8'), 'state');
+  assert.equal(readFileSync(p.disk, 'utf8'), 'disk');
+  assert.throws(() => pinTemplate(t, inst), /the snapshot template .* is gone/);
+});
+
+test('a failed make is remembered for an hour (per image and emulator), so starts do not retry it each time', async () => {
+  const d = templates.dirFor(image, size);
+  rmSync(d, { recursive: true, force: true });
+  mkdirSync(join(d, '..'), { recursive: true });
+  writeFileSync(`${d}.failed.json`, JSON.stringify({ imageId: image.id, compat, at: Date.now() - 5 * 60_000, reason: 'sshd did not move' }));
+  await assert.rejects(templates.ensure(image, size), /making the snapshot template failed 5 min ago \(sshd did not move\); next try after an hour/);
+  compat = { ...compat, qemu: 'QEMU emulator version 9.0.0' };
+  // Another emulator: the failure says nothing about it. (Making would boot a machine: the
+  // fake driver cannot, which shows the make was attempted.)
+  await assert.rejects(templates.ensure(image, size), (e: Error) => !/ago/.test(e.message));
+  rmSync(`${d}.failed.json`, { force: true });
 });

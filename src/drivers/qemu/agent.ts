@@ -15,6 +15,9 @@ export function identityMessage(identity: MachineIdentity, now = Date.now()): st
     if (t.includes('\n')) throw new Error(`${what} must be one line`);
     return t;
   };
+  for (const [what, v] of [['id', identity.id], ['hostname', identity.hostname]]) {
+    if (!/^[a-z0-9][a-z0-9-]{0,62}$/.test(v!)) throw new Error(`the clone's ${what} '${v}' is not a host name`);
+  }
   return [
     `id ${identity.id}`,
     `hostname ${identity.hostname}`,
@@ -57,6 +60,11 @@ export async function sendIdentity(socketPath: string, identity: MachineIdentity
         if (seen.includes(`restored ${identity.id}`)) {
           clearTimeout(timer);
           resolve();
+        }
+        const failed = /^failed (.*)$/m.exec(seen);
+        if (failed) {
+          clearTimeout(timer);
+          reject(new Error(`the guest's restore agent failed: ${failed[1]}`));
         }
       });
       sock.on('error', (e) => {

@@ -146,7 +146,8 @@ export class QemuDriver implements Driver {
     const accel = await chooseAccel({
       setting: this.opts.accel, qemu: this.opts.binary, kernel: image.kernelPath, initrd: image.initrdPath, cacheFile: this.opts.accelCacheFile, log: silentLogger,
     });
-    return { qemu: v.stdout.split('\n')[0]!.trim(), accel: accel.accel, tcgTbSize: String(this.opts.tcgTbSize) };
+    // (The TCG cache size is not part of the saved state: machines with another one restore fine.)
+    return { qemu: v.stdout.split('\n')[0]!.trim(), accel: accel.accel };
   }
 
   /** Loads the saved state into a QEMU started with -incoming defer, resumes it, and gives the guest its identity. */
@@ -164,7 +165,10 @@ export class QemuDriver implements Driver {
       log.debug({ instance: spec.id, ms: Date.now() - t0 }, 'memory state loaded; running');
     } catch (e) {
       // QEMU exits when an incoming migration fails, which closes QMP under us.
-      throw fail(e instanceof MayflyError ? e.message : `the memory state did not load (${(e as Error).message})`);
+      const why = e instanceof MayflyError ? e.message : `the memory state did not load (${(e as Error).message})`;
+      throw new MayflyError(ErrorCode.SNAPSHOT_CORRUPT, `restoring ${spec.id} from ${stateFile} failed: ${why}`, {
+        hint: 'mayfly boots the machine instead and makes the snapshot template again',
+      });
     } finally {
       qmp.close();
     }

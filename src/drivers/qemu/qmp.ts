@@ -61,17 +61,24 @@ export class Qmp {
   static async connect(path: string, timeoutMs = 10_000): Promise<Qmp> {
     const end = Date.now() + timeoutMs;
     for (;;) {
+      let q: Qmp | undefined;
       try {
         const sock = await new Promise<Socket>((resolve, reject) => {
           const s = connect(path);
           s.once('connect', () => resolve(s));
           s.once('error', reject);
         });
-        const q = new Qmp(sock);
-        await q.#greeting;
+        q = new Qmp(sock);
+        let timer: NodeJS.Timeout | undefined;
+        await Promise.race([
+          q.#greeting,
+          new Promise((_, reject) => (timer = setTimeout(() => reject(new Error('no QMP greeting within 10 s')), 10_000))),
+        ]).finally(() => clearTimeout(timer));
         await q.command('qmp_capabilities');
         return q;
       } catch (e) {
+        // QEMU serves one monitor client at a time: let go before trying again.
+        q?.close();
         if (Date.now() > end) {
           throw new MayflyError(ErrorCode.MACHINE_START_FAILED, `cannot talk to QEMU over QMP at ${path}: ${(e as Error).message}`);
         }
@@ -80,11 +87,21 @@ export class Qmp {
     }
   }
 
-  command<T = unknown>(execute: string, args?: Record<string, unknown>): Promise<T> {
+  /** One command; a QEMU that does not answer within `timeoutMs` is given up on (the connection closes). */
+  command<T = unknown>(execute: string, args?: Record<string, unknown>, timeoutMs = 60_000): Promise<T> {
     if (this.#closedError) return Promise.reject(this.#closedError);
     const id = this.#next++;
     return new Promise<T>((resolve, reject) => {
-      this.#pending.set(id, { resolve: resolve as (v: unknown) => void, reject });
+      const timer = setTimeout(() => {
+        this.#pending.delete(id);
+        reject(new Error(`QEMU did not answer ${execute} within ${timeoutMs / 1000} s`));
+        this.close();
+      }, timeoutMs);
+      const settle = <A>(f: (a: A) => void) => (a: A) => {
+        clearTimeout(timer);
+        f(a);
+      };
+      this.#pending.set(id, { resolve: settle(resolve as (v: unknown) => void), reject: settle(reject) });
       this.#sock.write(JSON.stringify({ execute, ...(args ? { arguments: args } : {}), id }) + '\n');
     });
   }
