@@ -40,9 +40,8 @@ export async function obtainJobMachine(ctx: Context, o: MachineChoice, owner: st
     const image = o.image ?? ctx.config.defaults.image;
     const sized = o.cpus !== undefined || o.memory !== undefined || o.disk !== undefined;
     const s = sized ? ctx.engine().resolveSize(size) : undefined;
-    const sizeLabel = s ? `${s.cpus}cpu${s.memoryMiB}mb${s.diskGiB}gb` : undefined;
     try {
-      return await leaseJobMachine(client, { pool: o.pool, image, sizeLabel, owner, signal });
+      return await leaseJobMachine(client, { pool: o.pool, image, size: s, owner, signal });
     } catch (e) {
       if (!(e instanceof MayflyError && e.code === ErrorCode.NO_MATCHING_POOL)) throw e;
       ctx.log.info('no mayflyd pool serves this image and size; booting a machine here');

@@ -2,6 +2,7 @@ import type { Readable } from 'node:stream';
 import type { DaemonClient } from '../daemon/client.ts';
 import type { MachineSize } from '../drivers/index.ts';
 import { ErrorCode, MayflyError } from '../errors.ts';
+import { customSizeLabel } from '../pool/sizes.ts';
 import type { ExecResult } from '../guest/index.ts';
 import type { AttachedMachine, Engine, Lease, StartMode } from '../pool/index.ts';
 
@@ -94,7 +95,8 @@ export interface DaemonLease {
 export interface DaemonLeaseRequest {
   pool?: string;
   image?: string;
-  sizeLabel?: string;
+  /** The size wanted; any size of a pool serving the image when absent. */
+  size?: MachineSize;
   owner: string;
   job?: Record<string, string>;
   /** Seconds; mayflyd kills the machine after this (the pool's max_runtime is the ceiling). */
@@ -110,7 +112,7 @@ export async function leaseJobMachine(client: DaemonClient, req: DaemonLeaseRequ
     {
       pool: req.pool,
       image: req.pool ? undefined : req.image,
-      size: req.pool ? undefined : req.sizeLabel,
+      size: req.pool || !req.size ? undefined : customSizeLabel(req.size),
       job: { name: req.owner, ...req.job },
       max_runtime: req.maxRuntime,
       // If this process dies without releasing, mayflyd releases the lease for it.

@@ -58,6 +58,11 @@ export function checkSize(size: MachineSize, host: HostLimits, what = 'the machi
   return size;
 }
 
+/** The custom label parseSizeLabel reads back as this size (`2cpu1024mb4gb`). */
+export function customSizeLabel(s: MachineSize): string {
+  return `${s.cpus}cpu${s.memoryMiB}mb${s.diskGiB}gb`;
+}
+
 export function sizeLabel(s: MachineSize): string {
   return `${s.cpus}cpu/${s.memoryMiB}M/${s.diskGiB}G`;
 }

@@ -96,12 +96,11 @@ export async function gitlabPrepare(d: ExecutorDeps, o: PrepareOptions): Promise
     }
     const ref = choice ? `${choice.image.name}:${choice.image.version}` : undefined;
     const why = choice ? choice.why : `pool ${pool}`;
-    const sizeLabel = size ? `${size.cpus}cpu${size.memoryMiB}mb${size.diskGiB}gb` : undefined;
     let line: string | undefined;
     if (client) {
       try {
         const m = await leaseJobMachine(client, {
-          pool, image: ref, sizeLabel, owner, job: { gitlab_job: id.key, project: id.project },
+          pool, image: ref, size, owner, job: { gitlab_job: id.key, project: id.project },
           maxRuntime: Math.min(holdSeconds, maxLeaseSeconds), signal: o.signal,
         });
         try {
@@ -126,7 +125,7 @@ export async function gitlabPrepare(d: ExecutorDeps, o: PrepareOptions): Promise
         line = `machine ${m.id}: ${m.image} (${why}), ${i.cpus} CPU, ${i.memory} MiB, ${i.disk} GiB disk, ${m.origin}`;
       } catch (e) {
         if (!(isMayflyError(e) && e.code === ErrorCode.NO_MATCHING_POOL) || pool) throw e;
-        d.err(`mayfly: no mayflyd pool serves ${ref}${sizeLabel ? ` at ${label}` : ''}; booting a machine for this job\n`);
+        d.err(`mayfly: no mayflyd pool serves ${ref}${size ? ` at ${label}` : ''}; booting a machine for this job\n`);
       }
     }
     if (!line) {
