@@ -1,7 +1,6 @@
 import { randomBytes } from 'node:crypto';
-import { connect, type Socket } from 'node:net';
-import { setTimeout as sleep } from 'node:timers/promises';
 import type { MachineIdentity } from '../types.ts';
+import { connectUnixRetrying } from './unix-socket.ts';
 
 // The host's side of the guest's restore agent (images/guest/mayfly-guest-restore): right after
 // a clone resumes from a template's memory state, its identity goes down a virtio-serial port as
@@ -32,25 +31,9 @@ export function identityMessage(identity: MachineIdentity, now = Date.now()): st
   ].join('\n');
 }
 
-async function connectRetrying(path: string, timeoutMs: number): Promise<Socket> {
-  const end = Date.now() + timeoutMs;
-  for (;;) {
-    try {
-      return await new Promise<Socket>((resolve, reject) => {
-        const s = connect(path);
-        s.once('connect', () => resolve(s));
-        s.once('error', reject);
-      });
-    } catch (e) {
-      if (Date.now() > end) throw e;
-      await sleep(20);
-    }
-  }
-}
-
 /** Sends the identity and waits for the guest's acknowledgement. */
 export async function sendIdentity(socketPath: string, identity: MachineIdentity, timeoutMs = 30_000): Promise<void> {
-  const sock = await connectRetrying(socketPath, 5000);
+  const sock = await connectUnixRetrying(socketPath, 5000);
   try {
     await new Promise<void>((resolve, reject) => {
       let seen = '';

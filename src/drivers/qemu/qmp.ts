@@ -1,6 +1,7 @@
-import { connect, type Socket } from 'node:net';
+import type { Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ErrorCode, MayflyError } from '../../errors.ts';
+import { connectUnix } from './unix-socket.ts';
 
 // A QMP client (QEMU's JSON machine protocol on a unix socket): greeting, capabilities
 // negotiation, then one command at a time, each answered by a `return` or an `error` with the
@@ -63,12 +64,7 @@ export class Qmp {
     for (;;) {
       let q: Qmp | undefined;
       try {
-        const sock = await new Promise<Socket>((resolve, reject) => {
-          const s = connect(path);
-          s.once('connect', () => resolve(s));
-          s.once('error', reject);
-        });
-        q = new Qmp(sock);
+        q = new Qmp(await connectUnix(path));
         let timer: NodeJS.Timeout | undefined;
         await Promise.race([
           q.#greeting,
