@@ -109,9 +109,9 @@ export class Engine {
     return { machine, release: () => machine.destroy() };
   }
 
-  /** How machines of this image start unless told otherwise. */
-  startMode(image: Image, pool?: StartMode): StartMode {
-    return pool ?? this.config.images.start[image.name] ?? this.config.defaults.start;
+  /** How machines of this image start unless told otherwise (a pool's or the caller's start mode wins). */
+  startMode(image: Image): StartMode {
+    return this.config.images.start[image.name] ?? this.config.defaults.start;
   }
 
   /**

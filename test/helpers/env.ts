@@ -1,12 +1,12 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, linkSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { defaultConfig } from '../../src/config/index.ts';
 import { silentLogger } from '../../src/log.ts';
 import { Engine } from '../../src/pool/index.ts';
-import { ImageStore } from '../../src/images/store.ts';
+import { ImageStore, type Image } from '../../src/images/store.ts';
 
 // Shared by the integration tests: one fresh data dir per test run (scripts/test.sh makes it
 // and removes it), one image built into it by whichever test file needs it first.
@@ -84,6 +84,20 @@ export async function ensureImage(): Promise<void> {
   } finally {
     rmSync(lock, { recursive: true, force: true });
   }
+}
+
+/**
+ * A second, bootable image without a second build: the default image's files published again
+ * under `name` (hard links; machines only read them), with a content id ending in `idDigit`.
+ */
+export function publishImageCopy(name: string, idDigit: string): Image {
+  const store = new ImageStore(testDataDir());
+  const base = store.resolve('debian-12');
+  mkdirSync(join(store.root, '.tmp'), { recursive: true });
+  const prep = mkdtempSync(join(store.root, '.tmp', `${name}-`));
+  for (const f of [base.disk, base.kernel!, base.initrd!]) linkSync(join(base.dir, f), join(prep, f));
+  const { dir: _d, diskPath: _p, kernelPath: _k, initrdPath: _i, sizeBytes: _s, version: _v, ...manifest } = base;
+  return store.publish(prep, { ...manifest, name, id: `sha256:${'0'.repeat(63)}${idDigit}` });
 }
 
 export function testEngine(): Engine {

@@ -1,12 +1,12 @@
 import assert from 'node:assert/strict';
 import type { ChildProcess } from 'node:child_process';
-import { existsSync, linkSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { ImageStore } from '../../src/images/store.ts';
 import { makeRepo, startGitServer, type GitServer, type MadeRepo } from '../helpers/git-http.ts';
 import { runJob, type JobResult, type JobSpec, type RunnerConfig } from '../helpers/gitlab-runner.ts';
-import { collect, ensureImage, instanceDirs, mayfly, mayflyBin, processesMentioning, startMayfly, testDataDir, testEngine } from '../helpers/env.ts';
+import { collect, ensureImage, instanceDirs, mayfly, mayflyBin, processesMentioning, publishImageCopy, startMayfly, testDataDir, testEngine } from '../helpers/env.ts';
 
 // mayfly behind an imitation of gitlab-runner's custom executor (test/helpers/gitlab-runner.ts,
 // written from the protocol reference), with real machines and a git smart-HTTP server on the
@@ -68,15 +68,7 @@ describe('mayfly gitlab (custom executor)', { timeout: 1_200_000 }, () => {
     dir = mkdtempSync('/var/tmp/mayfly-gitlab-');
     // A second image, so that the job's image: visibly picks one: the default image's files
     // published again under another name (hard links; clones only read them).
-    const store = new ImageStore(testDataDir());
-    if (store.versions('other-image').length === 0) {
-      const base = store.resolve('debian-12');
-      mkdirSync(join(store.root, '.tmp'), { recursive: true });
-      const prep = mkdtempSync(join(store.root, '.tmp', 'other-'));
-      for (const f of [base.disk, base.kernel!, base.initrd!]) linkSync(join(base.dir, f), join(prep, f));
-      const { dir: _d, diskPath: _p, kernelPath: _k, initrdPath: _i, sizeBytes: _s, version: _v, ...manifest } = base;
-      store.publish(prep, { ...manifest, name: 'other-image', id: `sha256:${'0'.repeat(63)}1` });
-    }
+    if (new ImageStore(testDataDir()).versions('other-image').length === 0) publishImageCopy('other-image', '1');
     config = join(dir, 'config.toml');
     writeFileSync(
       config,

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { existsSync, linkSync, mkdirSync, mkdtempSync, readFileSync, truncateSync } from 'node:fs';
+import { existsSync, readFileSync, truncateSync } from 'node:fs';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
@@ -10,7 +10,7 @@ import { defaultConfig } from '../../src/config/index.ts';
 import { ImageStore } from '../../src/images/store.ts';
 import { createLogger } from '../../src/log.ts';
 import { Engine, type Lease } from '../../src/pool/index.ts';
-import { ensureImage, instanceDirs, mayfly, processesMentioning, testDataDir } from '../helpers/env.ts';
+import { ensureImage, instanceDirs, mayfly, processesMentioning, publishImageCopy, testDataDir } from '../helpers/env.ts';
 
 // Snapshot restore with real machines: the template is made once (a boot and a save), then
 // every clone resumes from it. Clones must work, differ from each other in everything that
@@ -117,13 +117,7 @@ describe('snapshot restore', { timeout: 900_000 }, () => {
 
   test('removing an image removes its snapshot templates', async () => {
     // A second image: the default image's files published again under another name.
-    const store = new ImageStore(testDataDir());
-    const base = store.resolve('debian-12');
-    mkdirSync(join(store.root, '.tmp'), { recursive: true });
-    const prep = mkdtempSync(join(store.root, '.tmp', 'copy-'));
-    for (const f of [base.disk, base.kernel!, base.initrd!]) linkSync(join(base.dir, f), join(prep, f));
-    const { dir: _d, diskPath: _p, kernelPath: _k, initrdPath: _i, sizeBytes: _s, version: _v, ...manifest } = base;
-    const copy = store.publish(prep, { ...manifest, name: 'restore-copy', id: `sha256:${'0'.repeat(63)}2` });
+    const copy = publishImageCopy('restore-copy', '2');
     const l = await engine.lease({ owner: 'restore test', image: 'restore-copy', size, start: 'restore' });
     await l.release();
     const dir = engine.templates.dirFor(copy, size);
