@@ -1,6 +1,7 @@
 #!/bin/sh
 # Installs everything mayfly needs on a Debian 12 host (root). Safe to run again.
-#   - Debian packages: QEMU, qemu-img, mmdebstrap, mkfs.ext4, genisoimage, git, btrfs-progs, xfsprogs
+#   - Debian packages: QEMU, qemu-img, mmdebstrap, mkfs.ext4, genisoimage, git, btrfs-progs, xfsprogs,
+#     systemd-container (nspawn), iproute2, nftables, dnsmasq-base (bridged networking)
 #   - Node.js 26 in a private prefix (.node/) when the system's node is older than 24
 #   - npm dependencies (npm ci), and `mayfly` on the PATH (/usr/local/bin/mayfly)
 set -eu
@@ -13,7 +14,7 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
-packages="qemu-system-x86 qemu-utils mmdebstrap e2fsprogs genisoimage git tar ca-certificates openssh-client btrfs-progs xfsprogs"
+packages="qemu-system-x86 qemu-utils mmdebstrap e2fsprogs genisoimage git tar ca-certificates openssh-client btrfs-progs xfsprogs systemd-container iproute2 nftables dnsmasq-base"
 missing=""
 for p in $packages; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"
