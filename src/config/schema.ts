@@ -102,6 +102,13 @@ export const configSections = {
     boot_retries: int(0, 5, 1), // extra attempts after a boot timeout
     tcg_tb_size: int(16, 2048, 64), // MiB
   }),
+  /** Containers (images of kind "container"). */
+  nspawn: section({
+    binary: z.string().min(1).default('systemd-nspawn'),
+    /** Containers get only a loopback interface instead of sharing the host's network. */
+    private_network: z.boolean().default(false),
+    start_timeout: int(1, 600, 30), // seconds
+  }),
   images: section({
     recipe_dirs: z.array(z.string().refine((p) => isAbsolute(p), 'must be an absolute path')).default([]),
     keep_versions: int(1, 100, 3),

@@ -144,7 +144,7 @@ export class Daemon {
     if (this.#reaping) return;
     this.#reaping = true;
     try {
-      const r = await reap({ state: this.engine.state, driver: this.engine.driver, instancesDir: this.engine.instancesDir, log: this.log });
+      const r = await reap({ state: this.engine.state, drivers: this.engine.drivers, instancesDir: this.engine.instancesDir, log: this.log });
       for (const x of r.removed) {
         this.metrics.reaped.inc();
         this.#record({ type: 'reaped', at: Date.now(), pool: '', instance: x.id, data: { why: x.why } });

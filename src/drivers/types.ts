@@ -39,8 +39,8 @@ export interface StartSpec {
 
 export interface StartedMachine {
   pid: number;
-  /** Where the guest's sshd is reachable from the host. */
-  ssh: { host: string; port: number };
+  /** Where the guest's sshd is reachable from the host; null for containers, which are entered with nsenter. */
+  ssh: { host: string; port: number } | null;
   consoleLog: string;
   /** e.g. "kvm" or "tcg". */
   accel: string;

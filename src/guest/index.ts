@@ -1,2 +1,3 @@
-export { GuestChannel, generateKeyPair, remoteCommand } from './ssh.ts';
-export type { ExecOptions, ExecResult, GuestEndpoint } from './ssh.ts';
+export { captureOutput, remoteCommand, type ExecOptions, type ExecResult, type GuestChannel } from './channel.ts';
+export { SshChannel, generateKeyPair, type GuestEndpoint } from './ssh.ts';
+export { NsenterChannel, containerLeader, type ContainerTarget } from './nsenter.ts';

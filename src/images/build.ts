@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { appendFileSync, createReadStream, existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { appendFileSync, createReadStream, existsSync, lstatSync, mkdirSync, readFileSync, readdirSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ErrorCode, MayflyError } from '../errors.ts';
@@ -9,7 +9,8 @@ import { createProgress, type Progress } from '../progress.ts';
 import { lastLines, requireTool, run, runChecked } from '../util/exec.ts';
 import { shellQuote } from '../util/shell.ts';
 import { fetchVerified } from './fetch.ts';
-import { vmBasePackages, type Recipe } from './recipe.ts';
+import { createBaseDir } from '../storage/index.ts';
+import { containerBasePackages, vmBasePackages, type Recipe } from './recipe.ts';
 import type { Image, ImageStore } from './store.ts';
 
 const guestFilesDir = join(dirname(fileURLToPath(import.meta.url)), 'guest');
@@ -35,7 +36,8 @@ export interface BuildOptions {
 
 export async function buildImage(store: ImageStore, recipe: Recipe, opts: BuildOptions = {}): Promise<Image> {
   const log = opts.log ?? silentLogger;
-  for (const tool of ['mmdebstrap', 'mkfs.ext4', 'qemu-img']) requireTool(tool);
+  const container = recipe.kind === 'container';
+  for (const tool of container ? ['mmdebstrap'] : ['mmdebstrap', 'mkfs.ext4', 'qemu-img']) requireTool(tool);
   if (recipe.playbook) {
     requireTool('ansible-playbook');
     if (!existsSync(recipe.playbook)) {
@@ -48,7 +50,7 @@ export async function buildImage(store: ImageStore, recipe: Recipe, opts: BuildO
     });
   }
 
-  const progress = opts.progress ?? createProgress(`build ${recipe.name}`, 5);
+  const progress = opts.progress ?? createProgress(`build ${recipe.name}`, container ? 3 : 5);
   const work = store.tempDir(`build-${recipe.name}`);
   const out = join(work, 'out');
   mkdirSync(out);
@@ -62,8 +64,10 @@ export async function buildImage(store: ImageStore, recipe: Recipe, opts: BuildO
       log.info({ source: recipe.gitlab_runner.source }, 'fetching the gitlab-runner binary');
       await fetchVerified(recipe.gitlab_runner.source, recipe.gitlab_runner.sha256, join(work, 'gitlab-runner'), `recipe ${recipe.name}: gitlab_runner`, opts.signal);
     }
-    const rootfs = join(work, 'rootfs');
-    const packages = [...new Set([...vmBasePackages, ...recipe.packages])];
+    // A container's root is published as it is: made where it will stay (a subvolume on btrfs, so
+    // that clones can be snapshots). A VM's is copied into a disk image and dropped.
+    const rootfs = container ? (await createBaseDir(join(out, 'rootfs'))).path : join(work, 'rootfs');
+    const packages = [...new Set([...(container ? containerBasePackages : vmBasePackages), ...recipe.packages])];
     progress.step(`bootstrap ${recipe.suite} with ${packages.length} packages (mmdebstrap)`);
     const args = [
       `--variant=${recipe.variant}`,
@@ -95,6 +99,8 @@ export async function buildImage(store: ImageStore, recipe: Recipe, opts: BuildO
         { hint: `the whole log is in ${buildLog} (kept because the build failed)` },
       );
     }
+
+    if (container) return await publishContainer(store, recipe, out, rootfs, packages, { progress, log, logLine, started, work });
 
     progress.step('extract kernel and initrd');
     const { kernel, initrd } = findKernel(rootfs, recipe.name);
@@ -186,13 +192,74 @@ async function removeBuildDir(dir: string): Promise<void> {
   rmSync(dir, { recursive: true, force: true });
 }
 
+async function publishContainer(
+  store: ImageStore,
+  recipe: Recipe,
+  out: string,
+  rootfs: string,
+  packages: string[],
+  ctx: { progress: Progress; log: Logger; logLine: (l: string) => void; started: number; work: string },
+): Promise<Image> {
+  ctx.progress.step('measure the root directory and its content id');
+  const used = Number((await runChecked('du', ['-sxb', rootfs])).stdout.split(/\s/)[0]);
+  const id = await treeId(rootfs);
+  ctx.logLine(`content id ${id}, built in ${((Date.now() - ctx.started) / 1000).toFixed(1)} s`);
+  ctx.progress.step('publish');
+  const image = store.publish(out, {
+    name: recipe.name,
+    id,
+    kind: 'container',
+    createdAt: new Date().toISOString(),
+    source: { type: 'recipe', recipe: recipe.source, suite: recipe.suite, packages },
+    disk: 'rootfs',
+    kernel: null,
+    initrd: null,
+    kernelArgs: null,
+    diskVirtualBytes: used,
+    identity: 'files',
+    features: [],
+    user: 'ci',
+  });
+  await removeBuildDir(ctx.work);
+  ctx.progress.done(`built ${image.name}:${image.version} ${image.id.slice(0, 19)} (container)`);
+  ctx.log.info({ image: image.name, version: image.version, id: image.id }, 'image build finished');
+  return image;
+}
+
+/**
+ * Content id of a root directory: every entry in path order with its type, mode, owner, link
+ * target or content. Timestamps are left out: they differ between two builds of the same tree.
+ */
+export async function treeId(root: string): Promise<string> {
+  const h = createHash('sha256');
+  const walk = async (rel: string): Promise<void> => {
+    const names = readdirSync(join(root, rel)).sort();
+    for (const name of names) {
+      const p = rel ? `${rel}/${name}` : name;
+      const full = join(root, p);
+      const st = lstatSync(full);
+      h.update(`${p}\0${st.mode}\0${st.uid}:${st.gid}\0`);
+      if (st.isSymbolicLink()) h.update(readlinkSync(full));
+      else if (st.isFile()) {
+        h.update(`${st.size}\0`);
+        for await (const chunk of createReadStream(full, { highWaterMark: 1 << 20 })) h.update(chunk as Buffer);
+      } else if (st.isDirectory()) await walk(p);
+      h.update('\n');
+    }
+  };
+  await walk('');
+  return `sha256:${h.digest('hex')}`;
+}
+
 /** mmdebstrap customize hooks: mayfly's guest setup, the recipe's commands and playbook, then mayfly's finalize step. */
 function customizeHooks(recipe: Recipe, work: string): string[] {
   const hooks: string[] = [];
   const scripts = join(work, 'scripts');
+  const setup = recipe.kind === 'container' ? 'setup-container.sh' : 'setup-rootfs.sh';
+  const finalize = recipe.kind === 'container' ? 'finalize-container.sh' : 'finalize-rootfs.sh';
   mkdirSync(scripts, { recursive: true });
   hooks.push(`mkdir -p "$1/tmp/mayfly-guest" && cp -a ${shellQuote(guestFilesDir)}/. "$1/tmp/mayfly-guest/"`);
-  hooks.push('chroot "$1" /bin/sh /tmp/mayfly-guest/setup-rootfs.sh');
+  hooks.push(`chroot "$1" /bin/sh /tmp/mayfly-guest/${setup}`);
   if (recipe.gitlab_runner) {
     // Before the recipe's commands, so that they may use (or register) it.
     hooks.push(`install -m 0755 ${shellQuote(join(work, 'gitlab-runner'))} "$1/usr/local/bin/gitlab-runner"`);
@@ -207,7 +274,7 @@ function customizeHooks(recipe: Recipe, work: string): string[] {
   if (recipe.playbook) {
     hooks.push(`ansible-playbook -i "$1," -c community.general.chroot ${shellQuote(recipe.playbook)}`);
   }
-  hooks.push('chroot "$1" /bin/sh /tmp/mayfly-guest/finalize-rootfs.sh');
+  hooks.push(`chroot "$1" /bin/sh /tmp/mayfly-guest/${finalize}`);
   return hooks.map((h) => `--customize-hook=${h}`);
 }
 

@@ -14,7 +14,8 @@ const packageName = z.string().regex(/^[a-z0-9][a-z0-9+.-]*(=[A-Za-z0-9.+:~-]+)?
 export const recipeSchema = z.strictObject({
   name: imageName,
   description: z.string().default(''),
-  kind: z.enum(['vm']).default('vm'),
+  /** "vm": a disk image with kernel and initrd for QEMU; "container": a root directory for systemd-nspawn. */
+  kind: z.enum(['vm', 'container']).default('vm'),
   suite: z.string().regex(/^[a-z]+$/, 'must be a Debian suite or codename such as "bookworm"').default('bookworm'),
   variant: z.enum(['minbase', 'buildd', 'required', 'important', 'standard']).default('minbase'),
   /** An apt mirror URL; by default the host's own apt sources are used. */
@@ -50,6 +51,9 @@ export const vmBasePackages = [
   'linux-image-cloud-amd64', 'initramfs-tools', 'systemd-sysv', 'udev', 'dbus', 'kmod', 'openssh-server',
   'iproute2', 'sudo', 'e2fsprogs', 'util-linux',
 ];
+
+/** Packages every mayfly container needs: no kernel, init or sshd (commands enter with nsenter). */
+export const containerBasePackages = ['iproute2', 'sudo', 'util-linux', 'ca-certificates'];
 
 export const builtinRecipeDir = join(dirname(fileURLToPath(import.meta.url)), 'recipes');
 

@@ -12,7 +12,8 @@ export interface ImageManifest {
   version: number;
   /** Content id: sha256 over the disk, kernel and initrd. */
   id: string;
-  kind: 'vm';
+  /** A VM image (disk, kernel, initrd) or a container image (a root directory, `disk` names it). */
+  kind: 'vm' | 'container';
   createdAt: string;
   source: { type: 'recipe'; recipe: string; suite: string; packages: string[] } | { type: 'import'; disk: string };
   /** File names inside the version directory. */
@@ -22,8 +23,11 @@ export interface ImageManifest {
   /** Kernel command line for direct kernel boot (null: boot from the disk through firmware). */
   kernelArgs: string | null;
   diskVirtualBytes: number;
-  /** How a clone receives its keys and name: mayfly's fw_cfg guest hook, or a cloud-init NoCloud seed. */
-  identity: 'fw_cfg' | 'cloud-init';
+  /**
+   * How a clone receives its keys and name: mayfly's fw_cfg guest hook, a cloud-init NoCloud
+   * seed, or (containers) files the driver writes into the clone before it starts.
+   */
+  identity: 'fw_cfg' | 'cloud-init' | 'files';
   /** The unprivileged user jobs run as. */
   user: string;
   /** What the guest can do beyond booting: "restore-agent" (snapshot restore; images built since it exists). */
@@ -98,7 +102,8 @@ export class ImageStore {
     if (!existsSync(mf)) return undefined;
     const m = JSON.parse(readFileSync(mf, 'utf8')) as ImageManifest;
     const files = readdirSync(dir);
-    const sizeBytes = files.reduce((sum, f) => sum + statSync(join(dir, f)).blocks * 512, 0);
+    // A container's root is a tree: its size was measured when it was built (walking it here would be slow).
+    const sizeBytes = files.reduce((sum, f) => sum + (m.kind === 'container' && f === m.disk ? m.diskVirtualBytes : statSync(join(dir, f)).blocks * 512), 0);
     return {
       ...m,
       dir,

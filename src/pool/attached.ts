@@ -1,7 +1,8 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ErrorCode, MayflyError } from '../errors.ts';
-import { GuestChannel } from '../guest/index.ts';
+import { containerTarget } from '../drivers/nspawn/index.ts';
+import { NsenterChannel, SshChannel, type GuestChannel } from '../guest/index.ts';
 import type { Image } from '../images/store.ts';
 import type { InstanceRecord } from '../state/index.ts';
 
@@ -24,9 +25,11 @@ export function attachInstance(
   image: Image,
   deadReason: () => string | undefined,
 ): AttachedMachine {
-  if (rec.sshPort === null || rec.pid === null) {
+  const container = rec.driver === 'nspawn';
+  if ((rec.sshPort === null && !container) || rec.pid === null) {
     throw new MayflyError(ErrorCode.GUEST_CHANNEL, `machine ${rec.id} never finished starting (state ${rec.state})`);
   }
+  const pid = rec.pid;
   let privateKey: string;
   let hostKey: string;
   try {
@@ -51,8 +54,10 @@ export function attachInstance(
           return this.channel(user);
         });
       }
-      // The QEMU driver forwards the guest's SSH port on the host's loopback.
-      const p = GuestChannel.connectOnce({ host: '127.0.0.1', port: rec.sshPort!, user, privateKey, hostKey }, 20_000);
+      const p: Promise<GuestChannel> = container
+        ? NsenterChannel.open(containerTarget(pid, rec.dir), user)
+        : // The QEMU driver forwards the guest's SSH port on the host's loopback.
+          SshChannel.connectOnce({ host: '127.0.0.1', port: rec.sshPort!, user, privateKey, hostKey }, 20_000);
       channels.set(user, p);
       p.catch(() => channels.delete(user));
       return p;

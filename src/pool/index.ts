@@ -1,12 +1,13 @@
+import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Config } from '../config/index.ts';
-import { QemuDriver, type Driver, type MachineSize } from '../drivers/index.ts';
+import { NspawnDriver, QemuDriver, type Driver, type MachineSize } from '../drivers/index.ts';
 import type { START_MODES } from '../config/schema.ts';
 import { ErrorCode, MayflyError, errorText } from '../errors.ts';
 import { ImageStore, type Image } from '../images/store.ts';
 import type { Logger } from '../log.ts';
 import { openStateStore, type InstanceRecord, type StateStore } from '../state/index.ts';
-import { qcow2Overlay, type StorageBackend } from '../storage/index.ts';
+import { detectStorage, qcow2Overlay, type StorageBackend } from '../storage/index.ts';
 import { attachInstance, type AttachedMachine } from './attached.ts';
 import { Machine, type MachineDeps } from './machine.ts';
 import { removeInstance } from './reaper.ts';
@@ -43,9 +44,13 @@ export class Engine {
   readonly log: Logger;
   readonly state: StateStore;
   readonly images: ImageStore;
+  /** The VM driver (snapshot templates are VMs). */
   readonly driver: Driver;
+  readonly containers: NspawnDriver;
+  /** VM disks' backend; container roots use `dirStorage()`. */
   readonly storage: StorageBackend;
   readonly templates: Templates;
+  #dirStorage: Promise<StorageBackend> | undefined;
 
   constructor(opts: { dataDir: string; config: Config; log: Logger }) {
     if (opts.dataDir.includes(',')) {
@@ -65,8 +70,43 @@ export class Engine {
       tcgTbSize: opts.config.qemu.tcg_tb_size,
       accelCacheFile: join(opts.dataDir, 'host', 'accel.json'),
     });
+    this.containers = new NspawnDriver({
+      binary: opts.config.nspawn.binary,
+      privateNetwork: opts.config.nspawn.private_network,
+      startTimeoutMs: opts.config.nspawn.start_timeout * 1000,
+    });
     this.storage = qcow2Overlay;
     this.templates = new Templates(this.machineDeps());
+  }
+
+  /** Every driver, for the reaper and `ps`. */
+  get drivers(): readonly Driver[] {
+    return [this.driver, this.containers];
+  }
+
+  driverNamed(name: string): Driver | undefined {
+    return this.drivers.find((d) => d.name === name);
+  }
+
+  /**
+   * The directory clone backend for container roots: the one the config forces, or the fastest
+   * that really works in this data dir (probed once per process).
+   */
+  dirStorage(): Promise<StorageBackend> {
+    this.#dirStorage ??= (async () => {
+      mkdirSync(this.instancesDir, { recursive: true, mode: 0o700 });
+      const d = await detectStorage(this.instancesDir, 'dir', this.config.storage.backend);
+      this.log.debug({ backend: d.backend.name }, 'container roots are cloned with this backend');
+      return d.backend;
+    })();
+    this.#dirStorage.catch(() => (this.#dirStorage = undefined));
+    return this.#dirStorage;
+  }
+
+  /** Driver and clone backend for machines of this image. */
+  async machineDepsFor(image: Image): Promise<MachineDeps> {
+    if (image.kind !== 'container') return this.machineDeps();
+    return { ...this.machineDeps(), driver: this.containers, storage: await this.dirStorage() };
   }
 
   get instancesDir(): string {
@@ -128,10 +168,10 @@ export class Engine {
         if (req.signal?.aborted) throw e;
         this.log.warn({ image: `${req.image.name}:${req.image.version}`, err: errorText(e) }, 'could not make a snapshot template; booting instead');
       }
-    } else if (mode === 'restore') {
+    } else if (mode === 'restore' && req.image.kind !== 'container') {
       this.log.debug({ image: req.image.name }, 'this image cannot be restored from a snapshot (imported images boot)');
     }
-    return Machine.create(this.machineDeps(), {
+    return Machine.create(await this.machineDepsFor(req.image), {
       image: req.image, size: req.size, owner: req.owner, pool: req.pool, signal: req.signal, template,
       onRestoreFailed: (t, why) => this.templates.drop(t, why),
     });
@@ -141,7 +181,7 @@ export class Engine {
   instances(): (InstanceRecord & { running: boolean })[] {
     return this.state.listInstances().map((r) => ({
       ...r,
-      running: r.pid !== null && this.driver.deadReason(r.pid, r.dir) === undefined,
+      running: r.pid !== null && this.driverNamed(r.driver)?.deadReason(r.pid, r.dir) === undefined,
     }));
   }
 
@@ -157,7 +197,11 @@ export class Engine {
         hint: 'an image in use should not be removed; remove the instance with: mayfly rm ' + id,
       });
     }
-    return attachInstance(rec, image, () => (rec.pid === null ? 'it never started' : this.driver.deadReason(rec.pid, rec.dir)));
+    const driver = this.driverNamed(rec.driver);
+    return attachInstance(rec, image, () => {
+      if (rec.pid === null) return 'it never started';
+      return driver ? driver.deadReason(rec.pid, rec.dir) : `it was started by an unknown driver '${rec.driver}'`;
+    });
   }
 
   /** Destroys an instance from its record (e.g. one kept with --keep, or left by a crash). */
@@ -166,7 +210,7 @@ export class Engine {
     if (!rec) {
       throw new MayflyError(ErrorCode.INSTANCE_NOT_FOUND, `no instance '${id}'`, { hint: 'list them with: mayfly ps' });
     }
-    await removeInstance(this, id, rec.pid, rec.dir);
+    await removeInstance(this, id, rec.driver, rec.pid, rec.dir);
   }
 
   close(): void {

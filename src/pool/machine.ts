@@ -1,12 +1,13 @@
 import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { containerTarget } from '../drivers/nspawn/index.ts';
 import type { Driver, MachineIdentity, MachineSize, StartedMachine } from '../drivers/types.ts';
 import { ErrorCode, MayflyError, errorText } from '../errors.ts';
-import { GuestChannel, generateKeyPair, type GuestEndpoint } from '../guest/index.ts';
+import { NsenterChannel, SshChannel, generateKeyPair, type GuestChannel, type GuestEndpoint } from '../guest/index.ts';
 import type { Image } from '../images/store.ts';
 import type { Logger } from '../log.ts';
 import type { StateStore } from '../state/index.ts';
-import { diskTooSmall, type StorageBackend } from '../storage/index.ts';
+import { diskTooSmall, mountsUnder, removeInstanceDir, type StorageBackend } from '../storage/index.ts';
 import { newId } from '../util/ids.ts';
 import { pinTemplate, type Template } from './templates.ts';
 
@@ -71,14 +72,15 @@ export class Machine {
     const { image, size } = req;
     const wantBytes = size.diskGiB * 1024 ** 3;
     if (wantBytes < image.diskVirtualBytes) throw diskTooSmall(wantBytes, image.diskVirtualBytes, `${image.name}:${image.version}`);
-    const m = new Machine(deps, newId('vm'), image, size);
+    const container = image.kind === 'container';
+    const m = new Machine(deps, newId(container ? 'ct' : 'vm'), image, size);
     live.add(m);
     const t0 = Date.now();
     try {
       // The record first: a reaper must never find this dir without a record that explains it.
       deps.state.insertInstance({
         id: m.id, driver: deps.driver.name, imageName: image.name, imageVersion: image.version, imageId: image.id,
-        state: 'creating', createdAt: t0, updatedAt: t0, pid: null, dir: m.dir, disks: [join(m.dir, 'disk.qcow2')],
+        state: 'creating', createdAt: t0, updatedAt: t0, pid: null, dir: m.dir, disks: [join(m.dir, container ? 'root' : 'disk.qcow2')],
         consoleLog: join(m.dir, 'console.log'), sshPort: null, cpus: size.cpus, memoryMiB: size.memoryMiB,
         diskGiB: size.diskGiB, accel: null, owner: req.owner ?? null, holderPid: process.pid, pool: req.pool ?? null,
       });
@@ -133,9 +135,9 @@ export class Machine {
         { id: this.id, dir: this.dir, image: this.image, size: this.size, disk, identity, restore: { stateFile: pinned.state } },
         { log: d.log, signal },
       );
-      d.state.updateInstance(this.id, { pid: this.started.pid, sshPort: this.started.ssh.port, accel: this.started.accel });
+      d.state.updateInstance(this.id, { pid: this.started.pid, sshPort: this.started.ssh?.port ?? null, accel: this.started.accel });
       // sshd starts only once the guest has its identity (the driver waited for that): this is quick.
-      this.guest = await GuestChannel.waitReady(this.endpoint(this.image.user), {
+      this.guest = await SshChannel.waitReady(this.endpoint(this.image.user), {
         timeoutMs: 30_000,
         signal,
         alive: () => d.driver.deadReason(this.started.pid, this.dir),
@@ -167,14 +169,16 @@ export class Machine {
         },
         { log: d.log, signal },
       );
-      d.state.updateInstance(this.id, { pid: this.started.pid, sshPort: this.started.ssh.port, accel: this.started.accel });
-      d.log.debug({ instance: this.id, pid: this.started.pid, port: this.started.ssh.port }, 'machine process started');
+      d.state.updateInstance(this.id, { pid: this.started.pid, sshPort: this.started.ssh?.port ?? null, accel: this.started.accel });
+      d.log.debug({ instance: this.id, pid: this.started.pid, port: this.started.ssh?.port }, 'machine process started');
       try {
-        this.guest = await GuestChannel.waitReady(this.endpoint(this.image.user), {
-          timeoutMs: d.bootTimeoutMs,
-          signal,
-          alive: () => d.driver.deadReason(this.started.pid, this.dir),
-        });
+        this.guest = this.started.ssh
+          ? await SshChannel.waitReady(this.endpoint(this.image.user), {
+              timeoutMs: d.bootTimeoutMs,
+              signal,
+              alive: () => d.driver.deadReason(this.started.pid, this.dir),
+            })
+          : await this.#enterContainer(this.image.user, signal);
         this.verboseBoot = attempt > 0;
         return;
       } catch (e) {
@@ -200,13 +204,25 @@ export class Machine {
   }
 
   endpoint(user: string): GuestEndpoint {
-    return { host: this.started.ssh.host, port: this.started.ssh.port, user, privateKey: this.#privateKey, hostKey: this.#hostKey };
+    const ssh = this.started.ssh;
+    if (!ssh) throw new MayflyError(ErrorCode.GUEST_CHANNEL, `${this.id} is a container: it has no SSH endpoint`);
+    return { host: ssh.host, port: ssh.port, user, privateKey: this.#privateKey, hostKey: this.#hostKey };
   }
 
-  /** A root connection, opened on first use (one more handshake) and kept. */
+  /** The readiness rule for containers: a real command succeeds in it, here entered with nsenter. */
+  async #enterContainer(user: string, signal: AbortSignal | undefined): Promise<GuestChannel> {
+    const ch = await NsenterChannel.open(containerTarget(this.started.pid, this.dir), user, signal);
+    const r = await ch.exec(['true'], { signal });
+    if (r.exitCode !== 0) throw new MayflyError(ErrorCode.MACHINE_START_FAILED, `'true' exited with ${r.exitCode} in the new container`);
+    return ch;
+  }
+
+  /** A root connection, opened on first use (one more handshake for VMs) and kept. */
   async root(): Promise<GuestChannel> {
     if (!this.#rootChannel || this.#rootChannel.closed) {
-      this.#rootChannel = await GuestChannel.connectOnce(this.endpoint('root'), 20_000);
+      this.#rootChannel = this.started.ssh
+        ? await SshChannel.connectOnce(this.endpoint('root'), 20_000)
+        : await NsenterChannel.open(containerTarget(this.started.pid, this.dir), 'root');
     }
     return this.#rootChannel;
   }
@@ -248,7 +264,8 @@ export class Machine {
   static killAllNow(): void {
     for (const m of live) {
       if (m.started?.pid) m.#deps.driver.killNow(m.started.pid, m.dir);
-      rmSync(m.dir, { recursive: true, force: true });
+      // A mounted clone (overlayfs) cannot be unmounted synchronously: the reaper removes it.
+      if (mountsUnder(m.dir).length === 0) rmSync(m.dir, { recursive: true, force: true });
     }
     live.clear();
   }
@@ -285,7 +302,7 @@ export class Machine {
     this.#noteState(() => d.state.updateInstance(this.id, { state: 'destroying' }));
     this.#closeChannels();
     await d.driver.stop(this.started?.pid ?? null, this.dir);
-    rmSync(this.dir, { recursive: true, force: true });
+    await removeInstanceDir(this.dir);
     live.delete(this);
     this.#noteState(() => d.state.deleteInstance(this.id));
     d.log.debug({ instance: this.id }, 'machine destroyed');

@@ -1,9 +1,10 @@
-import { existsSync, readdirSync, rmSync } from 'node:fs';
+import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Driver } from '../drivers/types.ts';
 import { errorText } from '../errors.ts';
 import type { Logger } from '../log.ts';
 import type { StateStore } from '../state/index.ts';
+import { removeInstanceDir } from '../storage/index.ts';
 import { holderAlive } from '../util/proc.ts';
 import { Machine } from './machine.ts';
 
@@ -18,19 +19,32 @@ export interface ReapResult {
   removed: { id: string; why: string }[];
 }
 
-/** Stops an instance's process and removes its files and record: the way out for anything no Machine object holds. */
-export async function removeInstance(deps: { state: StateStore; driver: Driver }, id: string, pid: number | null, dir: string): Promise<void> {
-  await deps.driver.stop(pid, dir);
-  rmSync(dir, { recursive: true, force: true });
+/**
+ * Stops an instance's process and removes its files (unmounting and deleting its clone, whichever
+ * backend made it) and record: the way out for anything no Machine object holds. Without a
+ * known driver (files with no record) every driver stops what its own files in the dir name.
+ */
+export async function removeInstance(
+  deps: { state: StateStore; drivers: readonly Driver[] },
+  id: string,
+  driverName: string | null,
+  pid: number | null,
+  dir: string,
+): Promise<void> {
+  for (const driver of deps.drivers) {
+    if (driverName === null) await driver.stop(null, dir);
+    else if (driver.name === driverName) await driver.stop(pid, dir);
+  }
+  await removeInstanceDir(dir);
   deps.state.deleteInstance(id);
 }
 
-export async function reap(deps: { state: StateStore; driver: Driver; instancesDir: string; log: Logger }): Promise<ReapResult> {
-  const { state, driver, instancesDir, log } = deps;
+export async function reap(deps: { state: StateStore; drivers: readonly Driver[]; instancesDir: string; log: Logger }): Promise<ReapResult> {
+  const { state, drivers, instancesDir, log } = deps;
   const removed: ReapResult['removed'] = [];
-  const remove = async (id: string, pid: number | null, dir: string, why: string) => {
+  const remove = async (id: string, driverName: string | null, pid: number | null, dir: string, why: string) => {
     try {
-      await removeInstance(deps, id, pid, dir);
+      await removeInstance(deps, id, driverName, pid, dir);
       removed.push({ id, why });
       log.warn({ instance: id, why }, 'reaped an orphaned machine');
     } catch (e) {
@@ -55,18 +69,20 @@ export async function reap(deps: { state: StateStore; driver: Driver; instancesD
   for (const rec of state.listInstances()) {
     if (explained(rec.id)) continue;
     const why = rec.holderPid === process.pid ? 'not managed by this process any more' : `its mayfly process (pid ${rec.holderPid ?? '?'}) is gone`;
-    await remove(rec.id, rec.pid, rec.dir, why);
+    await remove(rec.id, rec.driver, rec.pid, rec.dir, why);
   }
   // Machine processes of this data dir that the state store does not know at all.
-  for (const h of driver.listHost()) {
-    if (!h.dir.startsWith(instancesDir + '/') || state.getInstance(h.id) || explained(h.id)) continue;
-    await remove(h.id, h.pid, h.dir, 'a machine process with no record');
+  for (const driver of drivers) {
+    for (const h of driver.listHost()) {
+      if (!h.dir.startsWith(instancesDir + '/') || state.getInstance(h.id) || explained(h.id)) continue;
+      await remove(h.id, driver.name, h.pid, h.dir, 'a machine process with no record');
+    }
   }
   // Leftover instance dirs (clones, keys, console logs) with neither record nor process.
   if (existsSync(instancesDir)) {
     for (const id of readdirSync(instancesDir)) {
       if (state.getInstance(id) || explained(id)) continue;
-      await remove(id, null, join(instancesDir, id), 'files with no record');
+      await remove(id, null, null, join(instancesDir, id), 'files with no record');
     }
   }
   // Records of jobs that ran past their expiry and whose machine is gone: a runner that crashed

@@ -19,3 +19,4 @@ export {
   type StorageSetting,
 } from './detect.ts';
 export { filesystemOf, mountsUnder, type FilesystemInfo } from './mounts.ts';
+export { removeInstanceDir } from './instance-dir.ts';

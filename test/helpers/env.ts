@@ -62,12 +62,12 @@ export function mayfly(args: string[], opts: { cwd?: string; env?: NodeJS.Proces
   return collect(startMayfly(args, opts));
 }
 
-/** Builds the default image into the test data dir unless an earlier test file did. */
-export async function ensureImage(): Promise<void> {
+/** Builds an image (the default one unless named) into the test data dir unless an earlier test file did. */
+export async function ensureImage(name = 'debian-12'): Promise<void> {
   const dir = testDataDir();
-  const built = () => new ImageStore(dir).versions('debian-12').length > 0;
+  const built = () => new ImageStore(dir).versions(name).length > 0;
   if (built()) return;
-  const lock = join(dir, '.image-build-lock');
+  const lock = join(dir, `.image-build-lock-${name}`);
   mkdirSync(dir, { recursive: true });
   for (;;) {
     try {
@@ -79,7 +79,7 @@ export async function ensureImage(): Promise<void> {
     }
   }
   try {
-    const r = await mayfly(['image', 'build', 'debian-12']);
+    const r = await mayfly(['image', 'build', name]);
     if (r.code !== 0) throw new Error(`building the test image failed (exit ${r.code}):\n${r.stderr}`);
   } finally {
     rmSync(lock, { recursive: true, force: true });

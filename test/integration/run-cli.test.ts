@@ -12,7 +12,7 @@ function assertNothingLeft(): void {
 }
 
 describe('mayfly run', { timeout: 900_000 }, () => {
-  before(ensureImage);
+  before(() => ensureImage());
 
   test('exit code and streams come back; a second run does not see the first one\'s files', async () => {
     const first = await mayfly(['run', '--', 'sh', '-c', 'echo secret > /builds/marker; echo out; echo err >&2; exit 3']);

@@ -22,6 +22,7 @@ function writeFile(name: string, text: string): string {
 const DEFAULTS: Config = {
   defaults: { image: 'debian-12', cpus: 2, memory: 1024, disk: 4, start: 'restore' },
   qemu: { binary: 'qemu-system-x86_64', accel: 'auto', boot_timeout: 120, boot_retries: 1, tcg_tb_size: 64 },
+  nspawn: { binary: 'systemd-nspawn', private_network: false, start_timeout: 30 },
   images: { recipe_dirs: [], keep_versions: 3, start: {} },
   log: { level: 'info' },
   storage: { backend: 'auto' },

@@ -2,11 +2,11 @@ import assert from 'node:assert/strict';
 import { createServer, type Server } from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { ErrorCode, MayflyError } from '../../src/errors.ts';
-import { GuestChannel, generateKeyPair, remoteCommand } from '../../src/guest/index.ts';
+import { SshChannel, generateKeyPair, remoteCommand } from '../../src/guest/index.ts';
 
 // Connection attempts must always settle, whatever the peer does, or readiness waits forever.
 
-describe('GuestChannel.connectOnce against broken peers', { timeout: 20_000 }, () => {
+describe('SshChannel.connectOnce against broken peers', { timeout: 20_000 }, () => {
   let server: Server;
   let port = 0;
   const keys = generateKeyPair('test');
@@ -27,12 +27,12 @@ describe('GuestChannel.connectOnce against broken peers', { timeout: 20_000 }, (
 
   test('a peer that closes after its banner rejects the attempt (no hang)', async () => {
     const t0 = Date.now();
-    await assert.rejects(GuestChannel.connectOnce(ep(), 5000), /closed|handshake|ECONNRESET/i);
+    await assert.rejects(SshChannel.connectOnce(ep(), 5000), /closed|handshake|ECONNRESET/i);
     assert.ok(Date.now() - t0 < 4000, 'rejected well before the ready timeout');
   });
 
   test('waitReady keeps retrying such a peer until its deadline, then says so', async () => {
-    await assert.rejects(GuestChannel.waitReady(ep(), { timeoutMs: 1500 }), (e: unknown) => {
+    await assert.rejects(SshChannel.waitReady(ep(), { timeoutMs: 1500 }), (e: unknown) => {
       assert.ok(e instanceof MayflyError);
       assert.equal(e.code, ErrorCode.BOOT_TIMEOUT);
       assert.match(e.message, /did not answer over SSH within 2 s/);
@@ -41,12 +41,12 @@ describe('GuestChannel.connectOnce against broken peers', { timeout: 20_000 }, (
   });
 
   test('waitReady stops at once when the machine process is gone', async () => {
-    await assert.rejects(GuestChannel.waitReady(ep(), { timeoutMs: 60_000, alive: () => 'the QEMU process exited' }), /the QEMU process exited/);
+    await assert.rejects(SshChannel.waitReady(ep(), { timeoutMs: 60_000, alive: () => 'the QEMU process exited' }), /the QEMU process exited/);
   });
 
   test('an aborted signal ends the attempt', async () => {
     const ac = new AbortController();
-    const p = GuestChannel.waitReady(ep(), { timeoutMs: 60_000, signal: ac.signal });
+    const p = SshChannel.waitReady(ep(), { timeoutMs: 60_000, signal: ac.signal });
     setTimeout(() => ac.abort(new Error('stop now')), 100);
     await assert.rejects(p, /stop now/);
   });

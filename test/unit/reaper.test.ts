@@ -59,7 +59,7 @@ test('the reaper removes exactly what nothing explains', async () => {
       listHost: () => host,
     };
 
-    const r = await reap({ state, driver, instancesDir, log: silentLogger });
+    const r = await reap({ state, drivers: [driver], instancesDir, log: silentLogger });
     const gone = ['vm-dead-holder', 'vm-job-expired', 'vm-reused-pid', 'vm-stray-files', 'vm-unrecorded'];
     assert.deepEqual(r.removed.map((x) => x.id).sort(), gone);
     assert.deepEqual(stopped.sort(), gone);
@@ -74,7 +74,7 @@ test('the reaper removes exactly what nothing explains', async () => {
     // A second pass finds nothing more to do.
     stopped.length = 0;
     host.length = 0;
-    assert.deepEqual((await reap({ state, driver, instancesDir, log: silentLogger })).removed, []);
+    assert.deepEqual((await reap({ state, drivers: [driver], instancesDir, log: silentLogger })).removed, []);
     assert.deepEqual(stopped, []);
   } finally {
     holder.kill();
@@ -108,7 +108,7 @@ test('a machine created while the reaper works is left alone', async () => {
       killNow: () => {},
       listHost: () => [],
     };
-    const r = await reap({ state, driver, instancesDir, log: silentLogger });
+    const r = await reap({ state, drivers: [driver], instancesDir, log: silentLogger });
     assert.deepEqual(r.removed.map((x) => x.id), ['vm-orphan']);
     assert.equal(existsSync(join(instancesDir, 'vm-new')), true);
     assert.equal(state.getInstance('vm-new')?.id, 'vm-new');

@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { ErrorCode, MayflyError } from '../../src/errors.ts';
-import { remoteCommand } from '../../src/guest/ssh.ts';
+import { remoteCommand } from '../../src/guest/channel.ts';
 import { isValidEnvName, shellJoin, shellQuote } from '../../src/util/shell.ts';
 
 // Every check goes through a real /bin/sh (dash on Debian, the shell sshd uses for most users):

@@ -70,7 +70,7 @@ export async function gitlabPrepare(d: ExecutorDeps, o: PrepareOptions): Promise
     const leftovers = await releaseJob(engine, d.config, id.key, d.log);
     for (const l of leftovers) d.err(`mayfly: before preparing: ${l}\n`);
     // Without mayflyd nothing else collects what crashed runners left (expired job records).
-    await reap({ state: engine.state, driver: engine.driver, instancesDir: engine.instancesDir, log: d.log });
+    await reap({ state: engine.state, drivers: engine.drivers, instancesDir: engine.instancesDir, log: d.log });
     if (env.job('CI_JOB_SERVICES')) d.err('mayfly: warning: services: are not supported yet; the job runs without them\n');
 
     const pool = o.pool || gl.pool || undefined;

@@ -1,0 +1,239 @@
+import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { closeSync, existsSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { basename, dirname, join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { ErrorCode, MayflyError, errorText } from '../../errors.ts';
+import { containerLeader } from '../../guest/nsenter.ts';
+import type { Logger } from '../../log.ts';
+import { findOnPath, lastLines } from '../../util/exec.ts';
+import { processAlive } from '../../util/proc.ts';
+import type { Driver, HostMachine, StartSpec, StartedMachine } from '../types.ts';
+import { createInstanceCgroups, destroyInstanceCgroups, instanceProcesses, joinCgroupsScript, type InstanceCgroups } from './cgroup.ts';
+
+// systemd-nspawn containers: one long-lived container per instance on a directory clone of the
+// image's root. nspawn runs a stub init as PID 1 (--as-pid2) that reaps orphans, with
+// `sleep infinity` as the payload that keeps the container up between a job's commands;
+// commands enter it with nsenter (src/guest/nsenter.ts). Our hosts run no systemd, so nspawn
+// gets --keep-unit --register=no, and limits come from the instance's own cgroups (cgroup.ts).
+
+export interface NspawnDriverOptions {
+  /** The systemd-nspawn binary (name or path). */
+  binary: string;
+  /** Give each container only a loopback interface instead of the host's network. */
+  privateNetwork: boolean;
+  /** How long a container may take to come up. */
+  startTimeoutMs: number;
+}
+
+/** The payload's command name, by which readiness and `listHost` recognize a set-up container. */
+export const PAYLOAD_COMM = 'sleep';
+const CGROUPS_FILE = 'cgroups.json';
+const PID_FILE = 'nspawn.pid';
+/** nspawn leaves this per machine name on the host when it cannot clean up after itself. */
+const PROPAGATE_DIR = '/run/systemd/nspawn/propagate';
+
+export class NspawnDriver implements Driver {
+  readonly name = 'nspawn';
+  readonly #opts: NspawnDriverOptions;
+
+  constructor(opts: NspawnDriverOptions) {
+    this.#opts = opts;
+  }
+
+  #binary(): string {
+    const found = this.#opts.binary.includes('/') ? (existsSync(this.#opts.binary) ? this.#opts.binary : undefined) : findOnPath(this.#opts.binary);
+    if (!found) {
+      throw new MayflyError(ErrorCode.MISSING_TOOL, `${this.#opts.binary} is not installed; containers need it`, {
+        hint: 'apt-get install systemd-container (or set nspawn.binary in the config)',
+      });
+    }
+    return found;
+  }
+
+  async start(spec: StartSpec, opts: { log: Logger; signal?: AbortSignal }): Promise<StartedMachine> {
+    if (spec.restore) {
+      throw new MayflyError(ErrorCode.RESTORE_FAILED, 'containers start in milliseconds and have no snapshot templates');
+    }
+    if (process.getuid?.() !== 0) {
+      throw new MayflyError(ErrorCode.NOT_ROOT, 'containers need root (systemd-nspawn, cgroups)', { hint: 'run mayfly as root' });
+    }
+    const binary = this.#binary();
+    const root = spec.disk.path;
+    const { dir } = spec;
+    // The clone is fresh and nothing has run in it yet: its identity can be written directly.
+    writeFileSync(join(root, 'etc', 'hostname'), `${spec.identity.hostname}\n`);
+    writeFileSync(join(root, 'etc', 'machine-id'), `${randomBytes(16).toString('hex')}\n`);
+
+    const cgroups = createInstanceCgroups(spec.id, spec.size);
+    writeFileSync(join(dir, CGROUPS_FILE), JSON.stringify(cgroups));
+    const consoleLog = join(dir, 'console.log');
+    const args = [
+      '--quiet',
+      '--keep-unit',
+      '--register=no',
+      `--directory=${root}`,
+      `--machine=${spec.id}`,
+      `--hostname=${spec.identity.hostname}`,
+      '--as-pid2',
+      '--console=pipe',
+      ...(this.#opts.privateNetwork ? ['--private-network'] : []),
+      '--',
+      '/bin/sleep',
+      'infinity',
+    ];
+    writeFileSync(join(dir, 'nspawn.args'), [binary, ...args].join('\n') + '\n');
+    const log = openSync(consoleLog, 'a', 0o600);
+    let pid: number;
+    try {
+      const child = spawn('/bin/sh', ['-c', `${joinCgroupsScript(cgroups)} && exec "$@"`, 'sh', binary, ...args], {
+        detached: true,
+        stdio: ['ignore', log, log],
+        // Nothing of mayfly's environment (job secrets included) reaches the container.
+        env: { PATH: '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' },
+      });
+      child.unref();
+      if (child.pid === undefined) throw new MayflyError(ErrorCode.MACHINE_START_FAILED, `cannot run ${binary}`);
+      pid = child.pid;
+    } finally {
+      closeSync(log);
+    }
+    writeFileSync(join(dir, PID_FILE), `${pid}\n`);
+    opts.log.debug({ instance: spec.id, pid }, 'nspawn started');
+    try {
+      await this.#waitSetUp(pid, dir, opts.signal);
+    } catch (e) {
+      await this.stop(pid, dir);
+      throw e;
+    }
+    return { pid, ssh: null, consoleLog, accel: 'nspawn' };
+  }
+
+  /** Waits until nspawn has set the container up and its payload runs. */
+  async #waitSetUp(pid: number, dir: string, signal: AbortSignal | undefined): Promise<void> {
+    const deadline = Date.now() + this.#opts.startTimeoutMs;
+    for (;;) {
+      signal?.throwIfAborted();
+      if (containerLeader(pid, PAYLOAD_COMM) !== undefined) return;
+      const dead = this.deadReason(pid, dir);
+      if (dead) throw new MayflyError(ErrorCode.MACHINE_START_FAILED, dead, { hint: `the command line is in ${join(dir, 'nspawn.args')}` });
+      if (Date.now() > deadline) {
+        throw new MayflyError(ErrorCode.BOOT_TIMEOUT, `the container did not come up within ${this.#opts.startTimeoutMs / 1000} s`, {
+          hint: `its output is in ${join(dir, 'console.log')}`,
+        });
+      }
+      await sleep(5);
+    }
+  }
+
+  deadReason(pid: number, dir: string): string | undefined {
+    if (processAlive(pid) && this.#isOurs(pid, dir)) return undefined;
+    const tail = this.consoleTail(dir, 15);
+    return `the container's nspawn process (pid ${pid}) has exited${tail ? `; its last output:\n${tail}` : ''}`;
+  }
+
+  async stop(pid: number | null, dir: string): Promise<void> {
+    pid ??= readPid(dir);
+    const cgroups = readCgroups(dir);
+    if (pid !== null && processAlive(pid) && this.#isOurs(pid, dir)) {
+      // Ending the container's init ends everything in it; nspawn then cleans up and exits.
+      const leader = containerLeader(pid, PAYLOAD_COMM);
+      if (leader !== undefined) {
+        try {
+          process.kill(leader, 'SIGKILL');
+        } catch {
+          // gone already
+        }
+      }
+      const deadline = Date.now() + 3000;
+      while (processAlive(pid) && Date.now() < deadline) await sleep(10);
+      if (processAlive(pid)) {
+        try {
+          process.kill(pid, 'SIGKILL');
+        } catch {
+          // gone already
+        }
+      }
+    }
+    // Whatever is left in the instance's cgroups (a container whose nspawn was killed) goes too.
+    if (cgroups) await destroyInstanceCgroups(cgroups);
+    rmSync(join(PROPAGATE_DIR, basename(dir)), { recursive: true, force: true });
+  }
+
+  killNow(pid: number, dir: string): void {
+    const cgroups = readCgroups(dir);
+    const pids = cgroups ? instanceProcesses(cgroups) : this.#isOurs(pid, dir) ? [pid] : [];
+    for (const p of pids) {
+      try {
+        process.kill(p, 'SIGKILL');
+      } catch {
+        // gone already
+      }
+    }
+  }
+
+  /** Guards against killing a recycled pid that now belongs to some other program. */
+  #isOurs(pid: number, dir: string): boolean {
+    try {
+      return readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(`--directory=${dir}/`);
+    } catch {
+      return false;
+    }
+  }
+
+  consoleTail(dir: string, lines: number): string {
+    try {
+      return lastLines(readFileSync(join(dir, 'console.log'), 'utf8').trim(), lines);
+    } catch {
+      return '';
+    }
+  }
+
+  listHost(): HostMachine[] {
+    const out: HostMachine[] = [];
+    for (const p of readdirSync('/proc')) {
+      if (!/^\d+$/.test(p)) continue;
+      let argv: string[];
+      try {
+        argv = readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0');
+      } catch {
+        continue;
+      }
+      if (basename(argv[0] ?? '') !== 'systemd-nspawn' || !argv.includes('--as-pid2')) continue;
+      const d = argv.find((a) => a.startsWith('--directory='))?.slice('--directory='.length);
+      if (!d || basename(d) !== 'root' || !processAlive(Number(p))) continue;
+      const instanceDir = dirname(d);
+      out.push({ id: basename(instanceDir), pid: Number(p), dir: instanceDir });
+    }
+    return out;
+  }
+}
+
+function readPid(dir: string): number | null {
+  try {
+    return Number(readFileSync(join(dir, PID_FILE), 'utf8').trim()) || null;
+  } catch {
+    return null;
+  }
+}
+
+function readCgroups(dir: string): InstanceCgroups | undefined {
+  try {
+    return JSON.parse(readFileSync(join(dir, CGROUPS_FILE), 'utf8')) as InstanceCgroups;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw new MayflyError(ErrorCode.MACHINE_STOP_FAILED, `cannot read ${join(dir, CGROUPS_FILE)}: ${errorText(e)}`);
+    return undefined;
+  }
+}
+
+/** How a channel reaches a container this driver started: its init and its cgroups. */
+export function containerTarget(pid: number, dir: string): { leaderPid: number; joinCgroups: string } {
+  const leaderPid = containerLeader(pid, PAYLOAD_COMM);
+  const cgroups = readCgroups(dir);
+  if (leaderPid === undefined || !cgroups) {
+    throw new MayflyError(ErrorCode.GUEST_CHANNEL, `the container in ${dir} is not running`, {
+      hint: 'it was stopped or removed (mayfly rm, the reaper, or a cleanup)',
+    });
+  }
+  return { leaderPid, joinCgroups: joinCgroupsScript(cgroups) };
+}

@@ -1,0 +1,174 @@
+import assert from 'node:assert/strict';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { defaultConfig, type Config } from '../../src/config/index.ts';
+import { silentLogger } from '../../src/log.ts';
+import { Engine } from '../../src/pool/index.ts';
+import { reap } from '../../src/pool/reaper.ts';
+import { readMounts } from '../../src/storage/mounts.ts';
+import { makeRepo, startGitServer, type GitServer, type MadeRepo } from '../helpers/git-http.ts';
+import { runJob, type RunnerConfig } from '../helpers/gitlab-runner.ts';
+import { ensureImage, instanceDirs, mayfly, mayflyBin, processesMentioning, startMayfly, testDataDir, waitFor } from '../helpers/env.ts';
+
+// Containers: the nspawn driver with real systemd-nspawn containers on clones of the
+// debian-12-container image, through the CLI, the engine and the GitLab executor.
+
+const IMAGE = 'debian-12-container';
+
+/** The instance cgroups mayfly made anywhere under /sys/fs/cgroup (none may outlive a container). */
+function mayflyCgroups(): string[] {
+  const found: string[] = [];
+  const walk = (dir: string, depth: number) => {
+    let entries: string[];
+    try {
+      entries = readdirSync(dir, { withFileTypes: true }).filter((e) => e.isDirectory()).map((e) => e.name);
+    } catch {
+      return;
+    }
+    for (const e of entries) {
+      if (e.startsWith('mayfly-ct-')) found.push(join(dir, e));
+      else if (depth < 4) walk(join(dir, e), depth + 1);
+    }
+  };
+  walk('/sys/fs/cgroup', 0);
+  return found;
+}
+
+function assertNothingLeft(): void {
+  const instances = join(testDataDir(), 'instances');
+  assert.deepEqual(instanceDirs(), []);
+  assert.deepEqual(processesMentioning(instances), []);
+  assert.deepEqual(readMounts().filter((m) => m.mountPoint.startsWith(instances)).map((m) => m.mountPoint), []);
+  assert.deepEqual(mayflyCgroups(), []);
+}
+
+function engineWith(patch: (c: Config) => void = () => {}): Engine {
+  const config = defaultConfig();
+  patch(config);
+  return new Engine({ dataDir: testDataDir(), config, log: silentLogger });
+}
+
+describe('containers (systemd-nspawn)', { timeout: 900_000 }, () => {
+  before(async () => {
+    await ensureImage(IMAGE);
+  });
+
+  test('mayfly run in a fresh container: the job user, its own hostname and machine-id, the exit code, nothing left', async () => {
+    const r = await mayfly(['run', '--image', IMAGE, '--', 'sh', '-c', 'id -un; hostname; cat /etc/machine-id; pwd; exit 7']);
+    assert.equal(r.code, 7, r.stderr);
+    const [user, host, machineId, cwd] = r.stdout.trim().split('\n');
+    assert.equal(user, 'ci');
+    assert.match(host!, /^ct-[a-z0-9]+$/);
+    assert.match(machineId!, /^[0-9a-f]{32}$/);
+    assert.equal(cwd, '/builds');
+    assert.match(r.stderr, new RegExp(`machine ${host} \\(${IMAGE}:\\d+\\)`));
+    assertNothingLeft();
+  });
+
+  test('limits: a memory hog is killed at the size\'s memory limit; the CPU quota is the size\'s', async () => {
+    const engine = engineWith();
+    const lease = await engine.lease({ image: IMAGE, size: { cpus: 1, memoryMiB: 256 }, owner: 'test: limits' });
+    try {
+      const m = lease.machine;
+      const cg = JSON.parse(readFileSync(join(m.dir, 'cgroups.json'), 'utf8')) as { dirs: string[]; procsDir: string };
+      const memory = cg.dirs.find((d) => d.includes('/memory/') || existsSync(join(d, 'memory.max')))!;
+      const limit = existsSync(join(memory, 'memory.max')) ? 'memory.max' : 'memory.limit_in_bytes';
+      assert.equal(readFileSync(join(memory, limit), 'utf8').trim(), String(256 * 1024 * 1024));
+      const cpu = cg.dirs.find((d) => d.includes('/cpu/')) ?? memory;
+      const quota = existsSync(join(cpu, 'cpu.max')) ? readFileSync(join(cpu, 'cpu.max'), 'utf8').trim() : readFileSync(join(cpu, 'cpu.cfs_quota_us'), 'utf8').trim();
+      assert.match(quota, /^100000( 100000)?$/);
+
+      const small = await m.guest.exec(['perl', '-e', 'my $x = "a" x (64*1024*1024); print "ok\\n"']);
+      assert.equal(small.exitCode, 0, 'an allocation well under the limit works');
+      const hog = await m.guest.exec(['perl', '-e', 'my $x = "a" x (600*1024*1024); print "survived\\n"']);
+      assert.equal(hog.exitCode, 137, 'the hog is killed (SIGKILL by the OOM killer)');
+      // The container itself survives its hog.
+      assert.equal((await m.guest.exec(['true'])).exitCode, 0);
+    } finally {
+      await lease.release();
+      engine.close();
+    }
+    assertNothingLeft();
+  });
+
+  test('private network: the container sees only its loopback', async () => {
+    const engine = engineWith((c) => (c.nspawn.private_network = true));
+    const lease = await engine.lease({ image: IMAGE, owner: 'test: private network' });
+    try {
+      const links = await lease.machine.guest.capture(['ip', '-o', 'link']);
+      assert.deepEqual(links.trim().split('\n').map((l) => l.split(':')[1]!.trim()), ['lo']);
+    } finally {
+      await lease.release();
+      engine.close();
+    }
+    assertNothingLeft();
+  });
+
+  test('the reaper removes a container whose mayfly process was killed: processes, mount, cgroups, files', async () => {
+    const child = startMayfly(['run', '--image', IMAGE, '--', 'sleep', '600']);
+    const exited = new Promise((resolve) => child.on('exit', resolve));
+    await waitFor(() => processesMentioning(join(testDataDir(), 'instances')).length > 0, 30_000, 'the container to start');
+    child.kill('SIGKILL');
+    await exited;
+    assert.ok(mayflyCgroups().length > 0, 'the orphaned container is still there before the reaper runs');
+    const engine = engineWith();
+    try {
+      const r = await reap({ state: engine.state, drivers: engine.drivers, instancesDir: engine.instancesDir, log: silentLogger });
+      assert.equal(r.removed.length, 1);
+    } finally {
+      engine.close();
+    }
+    assertNothingLeft();
+  });
+
+  describe('a GitLab job in a container', () => {
+    let dir: string;
+    let git: GitServer;
+    let repo: MadeRepo;
+    const token = 'container-job-token';
+
+    before(async () => {
+      dir = mkdtempSync('/var/tmp/mayfly-ct-gitlab-');
+      writeFileSync(join(dir, 'config.toml'), `[daemon]\nsocket = "${join(dir, 'mayfly.sock')}"\n`);
+      const gitRoot = join(dir, 'git');
+      repo = await makeRepo(gitRoot, { 'README.md': 'hello from the repository\n' });
+      git = await startGitServer(gitRoot, { user: 'gitlab-ci-token', password: token });
+    });
+
+    after(async () => {
+      await git?.close();
+      rmSync(dir, { recursive: true, force: true });
+    });
+
+    test('a service started in the script still runs in after_script (a separate stage and process); sources come over git', async () => {
+      const args = ['--data-dir', testDataDir(), '--config', join(dir, 'config.toml')];
+      const runner: RunnerConfig = {
+        configExec: [mayflyBin, ...args, 'gitlab', 'config'],
+        prepareExec: [mayflyBin, ...args, 'gitlab', 'prepare'],
+        runExec: [mayflyBin, ...args, 'gitlab', 'run'],
+        cleanupExec: [mayflyBin, ...args, 'gitlab', 'cleanup'],
+        gracefulKillTimeoutMs: 60_000,
+        prepareRetryIntervalMs: 200,
+      };
+      const r = await runJob(runner, {
+        id: 7001,
+        token,
+        // The container shares the host's network: the git server on the host's loopback is reachable as such.
+        repoUrl: `http://127.0.0.1:${git.port}/group/project.git`,
+        sha: repo.sha,
+        ref: repo.ref,
+        image: IMAGE,
+        script: ['cat README.md', 'nohup sleep 600 >/dev/null 2>&1 & echo $! > /tmp/service.pid', 'id -un'],
+        afterScript: ['kill -0 "$(cat /tmp/service.pid)" && echo "service still up: $(cat /proc/$(cat /tmp/service.pid)/comm)"'],
+      });
+      assert.equal(r.status, 'success', r.log);
+      assert.match(r.log, /mayfly: machine ct-[a-z0-9]+: debian-12-container:\d+/);
+      assert.match(r.log, /hello from the repository/);
+      assert.match(r.log, /\nci\n/);
+      assert.match(r.log, /service still up: sleep/);
+      assert.ok(!r.log.includes(token), 'the job token never shows in the job log');
+      assertNothingLeft();
+    });
+  });
+});
