@@ -150,7 +150,7 @@ describe('config validation messages', () => {
   test('unknown table header at top level', () => {
     assert.equal(
       check('[log]\nlevel = "info"\n\n[server]\nport = 1\n'),
-      "c.toml:4: server: unknown key 'server' (valid keys here: defaults, qemu, images, log, storage, sizes, capacity, daemon, pool, gitlab)",
+      "c.toml:4: server: unknown key 'server' (valid keys here: defaults, qemu, nspawn, images, log, storage, sizes, capacity, daemon, pool, gitlab)",
     );
   });
 

@@ -430,7 +430,7 @@ describe('recipes', () => {
     const overridden = findRecipe('debian-12', [rdir]);
     assert.equal(overridden.disk_size, 8);
     assert.equal(overridden.source, join(rdir, 'my-debian.toml'));
-    assert.deepEqual([...listRecipes([rdir]).keys()], ['debian-12', 'custom']);
+    assert.deepEqual([...listRecipes([rdir]).keys()], ['debian-12-container', 'debian-12', 'custom']);
   });
 
   test('an unknown recipe name lists the known ones', () => {
@@ -440,6 +440,6 @@ describe('recipes', () => {
     const e = catchMayfly(() => findRecipe('fedora-40', [rdir]));
     assert.equal(e.code, ErrorCode.IMAGE_NOT_FOUND);
     assert.equal(e.message, "no recipe named 'fedora-40'");
-    assert.equal(e.hint, 'known recipes: debian-12, zz; or pass the path of a recipe .toml file');
+    assert.equal(e.hint, 'known recipes: debian-12-container, debian-12, zz; or pass the path of a recipe .toml file');
   });
 });
