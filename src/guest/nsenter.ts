@@ -25,6 +25,8 @@ interface Account {
   gid: number;
   home: string;
   shell: string;
+  /** Supplementary groups (besides the primary one). */
+  groups: number[];
 }
 
 // After a command exits, its output pipes may still be held by a process it started in the
@@ -103,23 +105,22 @@ export class NsenterChannel implements GuestChannel {
     return this.#closed;
   }
 
-  /** A channel as `user`, whose account is looked up inside the container. */
+  /**
+   * A channel as `user`, whose account is looked up inside the container. The lookup is a real
+   * command run in the container, so a channel that opens is also the readiness check.
+   */
   static async open(target: ContainerTarget, user: string, signal?: AbortSignal): Promise<NsenterChannel> {
-    const root = new NsenterChannel(target, { name: 'root', uid: 0, gid: 0, home: '/root', shell: '/bin/sh' });
-    if (user === 'root') {
-      // root's own shell and home, as an SSH login would give them.
-      const entry = await root.capture(['getent', 'passwd', 'root'], { signal }).catch(() => 'root:x:0:0::/root:/bin/sh');
-      return new NsenterChannel(target, parseAccount(entry, 'root'));
-    }
-    let entry: string;
+    const root = new NsenterChannel(target, { name: 'root', uid: 0, gid: 0, home: '/root', shell: '/bin/sh', groups: [] });
+    let found: string;
     try {
-      entry = await root.capture(['getent', 'passwd', user], { signal });
+      found = await root.capture(['sh', '-c', 'getent passwd "$1" && id -G "$1"', 'sh', user], { signal });
     } catch (e) {
-      throw new MayflyError(ErrorCode.GUEST_CHANNEL, `the container has no user '${user}': ${errorText(e)}`, {
-        hint: 'container images made by mayfly have the `ci` user; check the image recipe',
+      if (signal?.aborted) throw e;
+      throw new MayflyError(ErrorCode.GUEST_CHANNEL, `cannot enter the container as '${user}': ${errorText(e)}`, {
+        hint: user === 'root' ? undefined : 'container images made by mayfly have the `ci` user; check the image recipe',
       });
     }
-    return new NsenterChannel(target, parseAccount(entry, user));
+    return new NsenterChannel(target, parseAccount(found, user));
   }
 
   exec(argv: readonly string[], opts: ExecOptions = {}): Promise<ExecResult> {
@@ -130,7 +131,14 @@ export class NsenterChannel implements GuestChannel {
     if (this.#closed) return Promise.reject(new MayflyError(ErrorCode.GUEST_CHANNEL, 'the channel to the container is closed'));
     opts.signal?.throwIfAborted();
     const a = this.#account;
-    const become = a.uid === 0 ? [] : ['setpriv', `--reuid=${a.uid}`, `--regid=${a.gid}`, '--init-groups', '--'];
+    // nsenter switches user itself (and drops supplementary groups); setpriv, which costs another
+    // exec, only for an account that has some.
+    const become =
+      a.uid === 0
+        ? ['--']
+        : a.groups.length === 0
+          ? [`--setuid=${a.uid}`, `--setgid=${a.gid}`, '--']
+          : ['--', 'setpriv', `--reuid=${a.uid}`, `--regid=${a.gid}`, '--init-groups', '--'];
     // Like an SSH login: start in the home directory, with the account's basic environment and nothing of mayfly's.
     const env = {
       HOME: a.home,
@@ -146,7 +154,7 @@ export class NsenterChannel implements GuestChannel {
         `${this.#target.joinCgroups} && exec "$@"`,
         'sh',
         nsenter(),
-        '-t', String(this.#target.leaderPid), '-a', '--',
+        '-t', String(this.#target.leaderPid), '-a',
         ...become,
         a.shell, '-c', `cd ~ 2>/dev/null; ${command}`,
       ],
@@ -245,10 +253,14 @@ function killGroup(child: ChildProcess): void {
   }
 }
 
-function parseAccount(entry: string, user: string): Account {
-  const f = entry.trim().split('\n')[0]!.split(':');
+/** `getent passwd USER` and `id -G USER` output, one line each. */
+function parseAccount(found: string, user: string): Account {
+  const [entry = '', ids = ''] = found.trim().split('\n');
+  const f = entry.split(':');
   if (f.length < 7 || !/^\d+$/.test(f[2]!) || !/^\d+$/.test(f[3]!)) {
-    throw new MayflyError(ErrorCode.GUEST_CHANNEL, `the container's passwd entry for '${user}' is malformed: ${entry.trim()}`);
+    throw new MayflyError(ErrorCode.GUEST_CHANNEL, `the container's passwd entry for '${user}' is malformed`);
   }
-  return { name: f[0]!, uid: Number(f[2]), gid: Number(f[3]), home: f[5] || '/', shell: f[6] || '/bin/sh' };
+  const gid = Number(f[3]);
+  const groups = ids.split(' ').filter((g) => /^\d+$/.test(g)).map(Number).filter((g) => g !== gid);
+  return { name: f[0]!, uid: Number(f[2]), gid, home: f[5] || '/', shell: f[6] || '/bin/sh', groups };
 }

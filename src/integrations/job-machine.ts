@@ -54,7 +54,7 @@ export function localJobMachine(lease: Lease): JobMachine {
   return {
     id: m.id,
     image: `${m.image.name}:${m.image.version}`,
-    origin: `${m.restored ? 'restored' : 'booted'} in ${(m.readyAfterMs / 1000).toFixed(1)} s`,
+    origin: `${m.startedHow} in ${(m.readyAfterMs / 1000).toFixed(1)} s`,
     local: lease,
     async exec(argv, o = {}) {
       const ch = o.root ? await m.root() : m.guest;

@@ -163,7 +163,7 @@ describe('containers (systemd-nspawn)', { timeout: 900_000 }, () => {
         afterScript: ['kill -0 "$(cat /tmp/service.pid)" && echo "service still up: $(cat /proc/$(cat /tmp/service.pid)/comm)"'],
       });
       assert.equal(r.status, 'success', r.log);
-      assert.match(r.log, /mayfly: machine ct-[a-z0-9]+: debian-12-container:\d+/);
+      assert.match(r.log, /mayfly: machine ct-[a-z0-9]+: debian-12-container:\d+ .*, started in [\d.]+ s/);
       assert.match(r.log, /hello from the repository/);
       assert.match(r.log, /\nci\n/);
       assert.match(r.log, /service still up: sleep/);

@@ -64,6 +64,8 @@ export class NspawnDriver implements Driver {
     // The clone is fresh and nothing has run in it yet: its identity can be written directly.
     writeFileSync(join(root, 'etc', 'hostname'), `${spec.identity.hostname}\n`);
     writeFileSync(join(root, 'etc', 'machine-id'), `${randomBytes(16).toString('hex')}\n`);
+    // sudo and friends resolve the host name.
+    writeFileSync(join(root, 'etc', 'hosts'), `127.0.0.1\tlocalhost\n127.0.1.1\t${spec.identity.hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n`);
 
     const cgroups = createInstanceCgroups(spec.id, spec.size);
     writeFileSync(join(dir, CGROUPS_FILE), JSON.stringify(cgroups));
@@ -115,7 +117,8 @@ export class NspawnDriver implements Driver {
     for (;;) {
       signal?.throwIfAborted();
       if (containerLeader(pid, PAYLOAD_COMM) !== undefined) return;
-      const dead = this.deadReason(pid, dir);
+      // Only whether it runs: right after the spawn the pid may still show node's command line (before exec).
+      const dead = processAlive(pid) ? undefined : this.deadReason(pid, dir);
       if (dead) throw new MayflyError(ErrorCode.MACHINE_START_FAILED, dead, { hint: `the command line is in ${join(dir, 'nspawn.args')}` });
       if (Date.now() > deadline) {
         throw new MayflyError(ErrorCode.BOOT_TIMEOUT, `the container did not come up within ${this.#opts.startTimeoutMs / 1000} s`, {

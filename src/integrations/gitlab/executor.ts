@@ -142,7 +142,7 @@ export async function gitlabPrepare(d: ExecutorDeps, o: PrepareOptions): Promise
         engine.state.deleteJob(id.key);
         throw e;
       }
-      line = `machine ${m.id}: ${m.image.name}:${m.image.version} (${why}), ${m.size.cpus} CPU, ${m.size.memoryMiB} MiB, ${m.size.diskGiB} GiB disk, ${m.restored ? 'restored' : 'booted'} in ${((Date.now() - t0) / 1000).toFixed(1)} s`;
+      line = `machine ${m.id}: ${m.image.name}:${m.image.version} (${why}), ${m.size.cpus} CPU, ${m.size.memoryMiB} MiB, ${m.size.diskGiB} GiB disk, ${m.startedHow} in ${((Date.now() - t0) / 1000).toFixed(1)} s`;
     }
     d.out(`mayfly: ${line}\n`);
     return 0;

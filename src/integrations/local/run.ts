@@ -1,5 +1,6 @@
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { containerTarget } from '../../drivers/nspawn/index.ts';
 import type { Lease } from '../../pool/index.ts';
 import type { JobMachine } from '../job-machine.ts';
 
@@ -44,6 +45,15 @@ export async function runCommand(machine: JobMachine, req: RunRequest): Promise<
 /** Writes a known_hosts file next to the machine's key and returns the ssh command that reaches it. */
 export function keptHowTo(lease: Lease, user: string): string {
   const m = lease.machine;
+  if (!m.started.ssh) {
+    const { leaderPid } = containerTarget(m.started.pid, m.dir);
+    return [
+      `container ${m.id} is kept running.`,
+      `  enter it: nsenter --target ${leaderPid} --all runuser -l ${user}`,
+      `  output:   ${m.started.consoleLog}`,
+      `  remove:   mayfly rm ${m.id}`,
+    ].join('\n');
+  }
   const ep = m.endpoint(user);
   const knownHosts = join(m.dir, 'known_hosts');
   writeFileSync(knownHosts, `[${ep.host}]:${ep.port} ${ep.hostKey}\n`);
