@@ -17,7 +17,7 @@
 // Everything is unmounted and removed at the end, also when a step fails or on a signal.
 
 import { execFileSync, spawnSync } from 'node:child_process';
-import { cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { ConfigSchema, defaultConfig } from '../src/config/index.ts';
@@ -26,7 +26,7 @@ import { ImageStore } from '../src/images/store.ts';
 import { silentLogger } from '../src/log.ts';
 import { Daemon } from '../src/daemon/service.ts';
 import { Engine } from '../src/pool/index.ts';
-import { createBaseDir, probeStorage } from '../src/storage/index.ts';
+import { probeStorage } from '../src/storage/index.ts';
 import { findOnPath } from '../src/util/exec.ts';
 import { fail, fmt, mayflyBin, summary } from './lib.ts';
 
@@ -73,14 +73,8 @@ function makeFs(name: string, mkfs: string[]): string {
 
 /** A data dir on `mnt` holding a copy of the source image (its root a subvolume on btrfs). */
 async function copyImage(mnt: string): Promise<{ dataDir: string; root: string }> {
-  const src = new ImageStore(sourceDir).resolve(IMAGE);
   const dataDir = join(mnt, 'data');
-  const store = new ImageStore(dataDir);
-  const prep = store.tempDir('bench');
-  const root = (await createBaseDir(join(prep, 'rootfs'))).path;
-  cpSync(join(src.diskPath, '.'), root, { recursive: true, verbatimSymlinks: true, preserveTimestamps: true });
-  const { dir: _d, diskPath: _p, kernelPath: _k, initrdPath: _i, sizeBytes: _s, version: _v, ...manifest } = src;
-  const img = store.publish(prep, manifest);
+  const img = await new ImageStore(dataDir).importCopy(new ImageStore(sourceDir).resolve(IMAGE));
   return { dataDir, root: img.diskPath };
 }
 

@@ -1,6 +1,8 @@
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ErrorCode, MayflyError } from '../errors.ts';
+import { createBaseDir } from '../storage/base-dir.ts';
+import { runChecked } from '../util/exec.ts';
 import { imageNamePattern } from './recipe.ts';
 
 // Images live on disk, one directory per version, each self-describing through manifest.json:
@@ -154,6 +156,29 @@ export class ImageStore {
           ? `available images: ${names.join(', ')}; build another with: mayfly image build RECIPE`
           : `no image has been built yet; build the default one with: mayfly image build debian-12`,
     });
+  }
+
+  /**
+   * Publishes a copy of an image version from another data dir as the next version here (same
+   * manifest and content id). Files are reflinked where the filesystem can; a container root
+   * becomes a subvolume on btrfs, so that clones of it are snapshots.
+   */
+  async importCopy(image: Image): Promise<Image> {
+    const prep = this.tempDir(`copy-${image.name}`);
+    try {
+      for (const f of readdirSync(image.dir)) {
+        if (f === 'manifest.json' || f === 'templates') continue;
+        const to = join(prep, f);
+        if (image.kind === 'container' && f === image.disk) await createBaseDir(to);
+        else if (statSync(join(image.dir, f)).isDirectory()) continue;
+        await runChecked('cp', ['-a', '--reflink=auto', '-T', join(image.dir, f), to], { code: ErrorCode.CLONE_FAILED });
+      }
+      const { dir: _d, diskPath: _p, kernelPath: _k, initrdPath: _i, sizeBytes: _s, version: _v, ...manifest } = image;
+      return this.publish(prep, manifest);
+    } catch (e) {
+      rmSync(prep, { recursive: true, force: true });
+      throw e;
+    }
   }
 
   remove(name: string, version: number): void {

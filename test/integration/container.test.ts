@@ -1,11 +1,14 @@
 import assert from 'node:assert/strict';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { defaultConfig, type Config } from '../../src/config/index.ts';
+import { ImageStore } from '../../src/images/store.ts';
 import { silentLogger } from '../../src/log.ts';
 import { Engine } from '../../src/pool/index.ts';
 import { reap } from '../../src/pool/reaper.ts';
+import { isSubvolume } from '../../src/storage/btrfs.ts';
 import { readMounts } from '../../src/storage/mounts.ts';
 import { makeRepo, startGitServer, type GitServer, type MadeRepo } from '../helpers/git-http.ts';
 import { runJob, type RunnerConfig } from '../helpers/gitlab-runner.ts';
@@ -120,6 +123,57 @@ describe('containers (systemd-nspawn)', { timeout: 900_000 }, () => {
       engine.close();
     }
     assertNothingLeft();
+  });
+
+  describe('on a btrfs data dir (a loop filesystem made by the test)', () => {
+    let mnt: string;
+    let dataDir: string;
+
+    before(async () => {
+      mnt = mkdtempSync('/var/tmp/mayfly-ct-btrfs-');
+      execFileSync('truncate', ['-s', '1G', join(mnt, '..', `${basename(mnt)}.img`)]);
+      execFileSync('mkfs.btrfs', ['-q', '-f', join(mnt, '..', `${basename(mnt)}.img`)]);
+      execFileSync('mount', ['-o', 'loop', join(mnt, '..', `${basename(mnt)}.img`), mnt]);
+      dataDir = join(mnt, 'data');
+      const copy = await new ImageStore(dataDir).importCopy(new ImageStore(testDataDir()).resolve(IMAGE));
+      assert.ok(isSubvolume(copy.diskPath), 'the copied image root is a subvolume');
+    });
+
+    after(() => {
+      const img = join(mnt, '..', `${basename(mnt)}.img`);
+      spawnSync('umount', [mnt]);
+      rmSync(mnt, { recursive: true, force: true });
+      rmSync(img, { force: true });
+    });
+
+    test('detection picks btrfs-snapshot: the root is a snapshot; release and the reaper delete it as a subvolume', async () => {
+      const engine = new Engine({ dataDir, config: defaultConfig(), log: silentLogger });
+      try {
+        assert.equal((await engine.dirStorage()).name, 'btrfs-snapshot');
+        const lease = await engine.lease({ image: IMAGE, owner: 'test: btrfs' });
+        const root = join(lease.machine.dir, 'root');
+        assert.ok(isSubvolume(root), 'the container root is a subvolume snapshot');
+        assert.equal((await lease.machine.guest.exec(['sh', '-c', 'echo written > /builds/f && cat /builds/f'])).exitCode, 0);
+        await lease.release();
+        assert.equal(existsSync(lease.machine.dir), false);
+
+        // A crashed holder: the reaper finds the record of a dead process and removes the subvolume too.
+        const child = spawn(mayflyBin, ['--data-dir', dataDir, 'run', '--image', IMAGE, '--', 'sleep', '600'], { stdio: 'ignore' });
+        const exited = new Promise((resolve) => child.on('exit', resolve));
+        await waitFor(() => processesMentioning(join(dataDir, 'instances')).length > 0, 30_000, 'the container to start');
+        child.kill('SIGKILL');
+        await exited;
+        const r = await reap({ state: engine.state, drivers: engine.drivers, instancesDir: engine.instancesDir, log: silentLogger });
+        assert.equal(r.removed.length, 1);
+        assert.deepEqual(readdirSync(join(dataDir, 'instances')), []);
+        assert.deepEqual(processesMentioning(join(dataDir, 'instances')), []);
+        const subvolumes = execFileSync('btrfs', ['subvolume', 'list', mnt], { encoding: 'utf8' }).split('\n').filter((l) => l.includes('instances/'));
+        assert.deepEqual(subvolumes, [], 'no snapshot is left');
+      } finally {
+        engine.close();
+      }
+      assert.deepEqual(mayflyCgroups(), []);
+    });
   });
 
   describe('a GitLab job in a container', () => {
