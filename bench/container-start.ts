@@ -16,8 +16,8 @@
 // starts the next one before the next run, not measured).
 // Everything is unmounted and removed at the end, also when a step fails or on a signal.
 
-import { execFileSync, spawnSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { ConfigSchema, defaultConfig } from '../src/config/index.ts';
@@ -28,7 +28,7 @@ import { Daemon } from '../src/daemon/service.ts';
 import { Engine } from '../src/pool/index.ts';
 import { probeStorage } from '../src/storage/index.ts';
 import { findOnPath } from '../src/util/exec.ts';
-import { fail, fmt, mayflyBin, summary } from './lib.ts';
+import { fail, fmt, loopFilesystems, mayflyBin, summary } from './lib.ts';
 
 const IMAGE = 'debian-12-container';
 const { values } = parseArgs({ options: { runs: { type: 'string', default: '5' }, 'data-dir': { type: 'string' } } });
@@ -43,15 +43,10 @@ const ownSource = values['data-dir'] === undefined;
 const sourceDir = values['data-dir'] ?? mkdtempSync('/var/tmp/mayfly-bench-ct-src-');
 const work = mkdtempSync('/var/tmp/mayfly-bench-ct-');
 
+const loops = loopFilesystems(work);
+
 function cleanup(): void {
-  const mounts = readFileSync('/proc/self/mountinfo', 'utf8').split('\n').filter(Boolean).map((l) => l.split(' ')[4]!);
-  for (const m of mounts.filter((p) => p.startsWith(work + '/')).sort((a, b) => b.length - a.length)) {
-    if (spawnSync('umount', [m]).status !== 0) spawnSync('umount', ['--lazy', m]);
-  }
-  for (const l of spawnSync('losetup', ['-a'], { encoding: 'utf8' }).stdout.split('\n').filter((l) => l.includes(work))) {
-    spawnSync('losetup', ['-d', l.split(':')[0]!]);
-  }
-  rmSync(work, { recursive: true, force: true });
+  loops.cleanup();
   if (ownSource) rmSync(sourceDir, { recursive: true, force: true });
 }
 for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
@@ -62,13 +57,7 @@ for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
 }
 
 function makeFs(name: string, mkfs: string[]): string {
-  const img = join(work, `${name}.img`);
-  const mnt = join(work, name);
-  execFileSync('truncate', ['-s', '2G', img]);
-  execFileSync(mkfs[0]!, [...mkfs.slice(1), img], { stdio: 'ignore' });
-  mkdirSync(mnt);
-  execFileSync('mount', ['-o', 'loop', img, mnt]);
-  return mnt;
+  return loops.make(name, mkfs, '2G');
 }
 
 /** A data dir on `mnt` holding a copy of the source image (its root a subvolume on btrfs). */

@@ -10,14 +10,14 @@
 // host without btrfs, xfs or root gets. Everything is unmounted and removed at the end, also when
 // a step fails or the bench is interrupted.
 
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { DIR_BACKENDS, createBaseDir, probeStorage, type StorageBackend } from '../src/storage/index.ts';
 import { findOnPath } from '../src/util/exec.ts';
-import { fail, fmt, summary } from './lib.ts';
+import { fail, fmt, loopFilesystems, summary } from './lib.ts';
 
 const { values } = parseArgs({
   options: {
@@ -38,20 +38,10 @@ for (const t of ['mkfs.btrfs', 'mkfs.xfs', 'mkfs.ext4', 'btrfs']) if (!findOnPat
 const work = mkdtempSync('/var/tmp/mayfly-bench-dir-clone-');
 const imgMiB = Math.max(1024, mib * 3 + 512); // base + one clone + metadata, with room to spare
 
-function mountPoints(): string[] {
-  return readFileSync('/proc/self/mountinfo', 'utf8')
-    .split('\n')
-    .filter(Boolean)
-    .map((l) => l.split(' ')[4]!);
-}
+const loops = loopFilesystems(work);
 
 function cleanup(): void {
-  for (const m of mountPoints().filter((p) => p.startsWith(work + '/')).sort((a, b) => b.length - a.length)) {
-    if (spawnSync('umount', [m]).status !== 0) spawnSync('umount', ['--lazy', m]);
-  }
-  const loops = spawnSync('losetup', ['-a'], { encoding: 'utf8' }).stdout.split('\n').filter((l) => l.includes(work));
-  for (const l of loops) spawnSync('losetup', ['-d', l.split(':')[0]!]);
-  rmSync(work, { recursive: true, force: true });
+  loops.cleanup();
 }
 for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
   process.once(sig, () => {
@@ -61,13 +51,7 @@ for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
 }
 
 function makeFs(name: string, mkfs: string[]): string {
-  const img = join(work, `${name}.img`);
-  const mnt = join(work, name);
-  execFileSync('truncate', ['-s', `${imgMiB}M`, img]);
-  execFileSync(mkfs[0]!, [...mkfs.slice(1), img], { stdio: 'ignore' });
-  mkdirSync(mnt);
-  execFileSync('mount', ['-o', 'loop', img, mnt]);
-  return mnt;
+  return loops.make(name, mkfs, `${imgMiB}M`);
 }
 
 /** The synthetic root: `files` files, one in 50 of 1 MiB, the rest sharing what is left of `mib`. */

@@ -1,5 +1,5 @@
-import { spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { execFileSync, spawnSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -72,6 +72,34 @@ export function vmBench(defaultRuns: number): VmBench {
     },
     cleanup() {
       if (own) rmSync(dataDir, { recursive: true, force: true });
+    },
+  };
+}
+
+/**
+ * Scratch filesystems in sparse loop images under `work` (btrfs, xfs with reflink, ext4, …),
+ * and a cleanup that unmounts them, detaches their loop devices and removes `work`.
+ */
+export function loopFilesystems(work: string): { make(name: string, mkfs: string[], size: string): string; cleanup(): void } {
+  return {
+    make(name, mkfs, size) {
+      const img = join(work, `${name}.img`);
+      const mnt = join(work, name);
+      execFileSync('truncate', ['-s', size, img]);
+      execFileSync(mkfs[0]!, [...mkfs.slice(1), img], { stdio: 'ignore' });
+      mkdirSync(mnt);
+      execFileSync('mount', ['-o', 'loop', img, mnt]);
+      return mnt;
+    },
+    cleanup() {
+      const mounts = readFileSync('/proc/self/mountinfo', 'utf8').split('\n').filter(Boolean).map((l) => l.split(' ')[4]!);
+      for (const m of mounts.filter((p) => p.startsWith(work + '/')).sort((a, b) => b.length - a.length)) {
+        if (spawnSync('umount', [m]).status !== 0) spawnSync('umount', ['--lazy', m]);
+      }
+      for (const l of spawnSync('losetup', ['-a'], { encoding: 'utf8' }).stdout.split('\n').filter((l) => l.includes(work))) {
+        spawnSync('losetup', ['-d', l.split(':')[0]!]);
+      }
+      rmSync(work, { recursive: true, force: true });
     },
   };
 }

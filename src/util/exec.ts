@@ -1,5 +1,5 @@
 import { spawn, type SpawnOptions } from 'node:child_process';
-import { accessSync, constants } from 'node:fs';
+import { accessSync, constants, readFileSync } from 'node:fs';
 import { delimiter, join } from 'node:path';
 import { ErrorCode, MayflyError } from '../errors.ts';
 
@@ -146,4 +146,16 @@ export function requireTool(cmd: string): string {
 const signals: Record<string, number> = { SIGHUP: 1, SIGINT: 2, SIGQUIT: 3, SIGKILL: 9, SIGTERM: 15, SIGPIPE: 13, SIGABRT: 6, SIGSEGV: 11 };
 export function signalNumber(name: string): number {
   return signals[name] ?? 1;
+}
+
+/**
+ * The last lines of a log file (a console), without carriage returns and colour codes so that
+ * they read well inside an error message; empty when the file is missing.
+ */
+export function fileTail(path: string, lines: number): string {
+  try {
+    return lastLines(readFileSync(path, 'utf8').replace(/\r|\x1b\[[0-9;]*[A-Za-z]|\x1b/g, '').trim(), lines);
+  } catch {
+    return '';
+  }
 }

@@ -1,4 +1,4 @@
-import { readFileSync } from 'node:fs';
+import { readFileSync, readdirSync } from 'node:fs';
 
 // Facts about host processes from /proc.
 
@@ -33,4 +33,20 @@ export function holderAlive(pid: number, since: number): boolean {
   if (!processAlive(pid)) return false;
   const started = processStartedAt(pid);
   return started !== undefined && started <= since + 2000;
+}
+
+/** Every live process on the host with its argv (for drivers that find their machines by command line). */
+export function liveProcesses(): { pid: number; argv: string[] }[] {
+  const out: { pid: number; argv: string[] }[] = [];
+  for (const p of readdirSync('/proc')) {
+    if (!/^\d+$/.test(p)) continue;
+    let argv: string[];
+    try {
+      argv = readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0');
+    } catch {
+      continue; // ended while we looked
+    }
+    if (processAlive(Number(p))) out.push({ pid: Number(p), argv });
+  }
+  return out;
 }

@@ -1,13 +1,13 @@
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { closeSync, existsSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ErrorCode, MayflyError, errorText } from '../../errors.ts';
 import { containerLeader } from '../../guest/nsenter.ts';
 import type { Logger } from '../../log.ts';
-import { findOnPath, lastLines } from '../../util/exec.ts';
-import { processAlive } from '../../util/proc.ts';
+import { fileTail, findOnPath } from '../../util/exec.ts';
+import { liveProcesses, processAlive } from '../../util/proc.ts';
 import type { Driver, HostMachine, StartSpec, StartedMachine } from '../types.ts';
 import { createInstanceCgroups, destroyInstanceCgroups, instanceProcesses, joinCgroupsScript, type InstanceCgroups } from './cgroup.ts';
 
@@ -185,28 +185,17 @@ export class NspawnDriver implements Driver {
   }
 
   consoleTail(dir: string, lines: number): string {
-    try {
-      return lastLines(readFileSync(join(dir, 'console.log'), 'utf8').trim(), lines);
-    } catch {
-      return '';
-    }
+    return fileTail(join(dir, 'console.log'), lines);
   }
 
   listHost(): HostMachine[] {
     const out: HostMachine[] = [];
-    for (const p of readdirSync('/proc')) {
-      if (!/^\d+$/.test(p)) continue;
-      let argv: string[];
-      try {
-        argv = readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0');
-      } catch {
-        continue;
-      }
+    for (const { pid, argv } of liveProcesses()) {
       if (basename(argv[0] ?? '') !== 'systemd-nspawn' || !argv.includes('--as-pid2')) continue;
       const d = argv.find((a) => a.startsWith('--directory='))?.slice('--directory='.length);
-      if (!d || basename(d) !== 'root' || !processAlive(Number(p))) continue;
+      if (!d || basename(d) !== 'root') continue;
       const instanceDir = dirname(d);
-      out.push({ id: basename(instanceDir), pid: Number(p), dir: instanceDir });
+      out.push({ id: basename(instanceDir), pid, dir: instanceDir });
     }
     return out;
   }

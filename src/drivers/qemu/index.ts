@@ -5,8 +5,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { ErrorCode, MayflyError } from '../../errors.ts';
 import type { Image } from '../../images/store.ts';
 import { silentLogger, type Logger } from '../../log.ts';
-import { lastLines, requireTool, run } from '../../util/exec.ts';
-import { processAlive } from '../../util/proc.ts';
+import { fileTail, lastLines, requireTool, run } from '../../util/exec.ts';
+import { liveProcesses, processAlive } from '../../util/proc.ts';
 import { shellQuote } from '../../util/shell.ts';
 import type { Driver, HostMachine, StartSpec, StartedMachine } from '../types.ts';
 import { chooseAccel, type AccelSetting } from './accel.ts';
@@ -274,30 +274,17 @@ export class QemuDriver implements Driver {
   }
 
   consoleTail(dir: string, lines: number): string {
-    try {
-      // Without carriage returns and colour codes, so the lines read well inside an error message.
-      const text = readFileSync(join(dir, 'console.log'), 'utf8').replace(/\r|\x1b\[[0-9;]*[A-Za-z]|\x1b/g, '');
-      return lastLines(text, lines);
-    } catch {
-      return '';
-    }
+    return fileTail(join(dir, 'console.log'), lines);
   }
 
   listHost(): HostMachine[] {
     const out: HostMachine[] = [];
-    for (const p of readdirSync('/proc')) {
-      if (!/^\d+$/.test(p)) continue;
-      let argv: string[];
-      try {
-        argv = readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0');
-      } catch {
-        continue;
-      }
+    for (const { pid, argv } of liveProcesses()) {
       const i = argv.indexOf('-name');
       const name = i >= 0 ? argv[i + 1] : undefined;
-      if (!name?.startsWith(nameTag) || !processAlive(Number(p))) continue;
+      if (!name?.startsWith(nameTag)) continue;
       const pidfile = argv[argv.indexOf('-pidfile') + 1] ?? '';
-      out.push({ id: name.slice(nameTag.length), pid: Number(p), dir: pidfile.replace(/\/qemu\.pid$/, '') });
+      out.push({ id: name.slice(nameTag.length), pid, dir: pidfile.replace(/\/qemu\.pid$/, '') });
     }
     return out;
   }

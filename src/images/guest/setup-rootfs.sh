@@ -15,14 +15,7 @@ install -m 0644 "$g/mayfly-guest-restore.service" /etc/systemd/system/mayfly-gue
 mkdir -p /etc/systemd/system/sysinit.target.wants
 ln -sf /etc/systemd/system/mayfly-guest-init.service /etc/systemd/system/sysinit.target.wants/mayfly-guest-init.service
 
-id ci >/dev/null 2>&1 || useradd --create-home --shell /bin/bash --uid 1000 --user-group ci
-if [ -d /etc/sudoers.d ]; then
-  echo 'ci ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/90-mayfly-ci
-  chmod 0440 /etc/sudoers.d/90-mayfly-ci
-fi
-# The job workspace and GitLab's cache_dir (mayfly gitlab's defaults).
-mkdir -p /builds /cache
-chown ci:ci /builds /cache
+sh "$g/setup-ci-user.sh"
 
 # sshd's config is mayfly's and fixed: skip the config test before every start (~0.1 s under
 # TCG, paid at every boot and every snapshot restore).
