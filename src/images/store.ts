@@ -14,7 +14,11 @@ export interface ImageManifest {
   id: string;
   kind: 'vm';
   createdAt: string;
-  source: { type: 'recipe'; recipe: string; suite: string; packages: string[] } | { type: 'import'; disk: string };
+  source: ({ type: 'recipe'; recipe: string; suite: string; packages: string[] } | { type: 'import'; disk: string }) & {
+    /** Set on a version made from an earlier one by `image maintain` or `image shell --commit`. */
+    maintainedFrom?: number;
+    maintainedBy?: 'maintain' | 'shell';
+  };
   /** File names inside the version directory. */
   disk: string;
   kernel: string | null;
