@@ -14,6 +14,7 @@ import type { EventRecord } from '../state/index.ts';
 import { holderAlive } from '../util/proc.ts';
 import { Metrics } from './metrics.ts';
 import { ImageRebuilds, rebuildSchedules } from './rebuilds.ts';
+import { removeStaleWorkRoots } from '../images/workroot.ts';
 
 // mayflyd's core, without HTTP: the engine, the warm pools, the reaper and the event log.
 
@@ -178,6 +179,8 @@ export class Daemon {
     this.#reaping = true;
     try {
       const r = await reap({ state: this.engine.state, driver: this.engine.driver, instancesDir: this.engine.instancesDir, log: this.log });
+      // Copies of images that a killed `image maintain`/`image shell` left mounted.
+      for (const dir of await removeStaleWorkRoots(this.engine.images)) this.log.warn({ dir }, 'removed an image work dir whose process is gone');
       for (const x of r.removed) {
         this.metrics.reaped.inc();
         this.#record({ type: 'reaped', at: Date.now(), pool: '', instance: x.id, data: { why: x.why } });

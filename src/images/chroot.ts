@@ -69,9 +69,13 @@ export const chrootEnv: NodeJS.ProcessEnv = {
   DEBIAN_FRONTEND: 'noninteractive',
 };
 
-/** argv for running `cmd` chrooted into `root`, alone in a new PID namespace. */
+/**
+ * argv for running `cmd` chrooted into `root`, alone in a new PID namespace that dies with
+ * mayfly: setpriv's parent-death signal ends unshare when mayfly is killed (even with -9), and
+ * unshare's --kill-child then ends the namespace, so nothing keeps writing into the copy.
+ */
 export function chrootArgv(root: string, cmd: readonly string[]): string[] {
-  return ['unshare', '--pid', '--fork', '--kill-child', `--mount-proc=${join(root, 'proc')}`, 'chroot', root, ...cmd];
+  return ['setpriv', '--pdeathsig', 'KILL', 'unshare', '--pid', '--fork', '--kill-child', `--mount-proc=${join(root, 'proc')}`, 'chroot', root, ...cmd];
 }
 
 /** Runs a command in the root, collecting its output (and streaming it to `onLine`). */

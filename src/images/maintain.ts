@@ -56,7 +56,7 @@ export async function maintainImage(store: ImageStore, image: Image, recipe: Rec
   const log = opts.log ?? silentLogger;
   const signal = opts.signal;
   if (recipe.playbook) requireTool('ansible-playbook');
-  for (const t of ['qemu-img', 'losetup', 'unshare', 'chroot']) requireTool(t);
+  for (const t of ['qemu-img', 'losetup', 'setpriv', 'unshare', 'chroot']) requireTool(t);
   const ref = `${image.name}:${image.version}`;
   const progress = opts.progress ?? createProgress(`maintain ${ref}`, 7);
   await removeStaleWorkRoots(store);
@@ -170,7 +170,7 @@ export interface ShellResult {
  */
 export async function imageShell(store: ImageStore, image: Image, opts: ShellOptions = {}): Promise<ShellResult> {
   const say = opts.say ?? ((l: string) => process.stderr.write(`mayfly: ${l}\n`));
-  for (const t of ['qemu-img', 'losetup', 'unshare', 'chroot']) requireTool(t);
+  for (const t of ['qemu-img', 'losetup', 'setpriv', 'unshare', 'chroot']) requireTool(t);
   const ref = `${image.name}:${image.version}`;
   await removeStaleWorkRoots(store);
   let w: WorkRoot | undefined;

@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { ImageStore } from '../../src/images/store.ts';
 import type { Engine, Lease } from '../../src/pool/index.ts';
-import { ensureImage, instanceDirs, mayfly, processesMentioning, publishImageCopy, testDataDir, testEngine } from '../helpers/env.ts';
+import { collect, ensureImage, instanceDirs, mayfly, processesMentioning, publishImageCopy, startMayfly, testDataDir, testEngine, waitFor } from '../helpers/env.ts';
 
 // Image maintenance on real images and machines: `image maintain` and `image shell` work on a
 // copy and publish it as a new version, a machine running on the old version sees nothing of
@@ -141,6 +141,34 @@ describe('image maintenance', { timeout: 900_000 }, () => {
     const again = await mayfly(['--config', cfg, 'image', 'gc', name]);
     assert.match(again.stdout, /^removed test-maint:1 /m);
     assert.deepEqual(store().versions(name), [3]);
+  });
+
+  test('an interrupted maintain unmounts, detaches its loop device, removes its scratch dir and publishes nothing', async () => {
+    const before = store().versions(name);
+    const child = startMayfly(['image', 'maintain', name]);
+    const result = collect(child);
+    // Interrupt while the recipe's work runs in the mounted copy.
+    await waitFor(() => leftovers().mounts.length >= 3, 60_000, 'maintain to mount the copy and enter it');
+    child.kill('SIGINT');
+    const r = await result;
+    assert.equal(r.code, 130, r.stderr);
+    assert.match(r.stderr, /cancelled by SIGINT/);
+    assert.deepEqual(leftovers(), { mounts: [], loops: [], scratch: [] });
+    assert.deepEqual(processesMentioning(join(testDataDir(), 'images', '.tmp')), [], 'no apt or chroot process is left');
+    assert.deepEqual(store().versions(name), before);
+
+    // kill -9: nothing can clean up at once; the next maintain or shell (or mayflyd's reaper) does.
+    const killed = startMayfly(['image', 'maintain', name]);
+    const killedResult = collect(killed);
+    await waitFor(() => leftovers().mounts.length >= 3, 60_000, 'maintain to mount the copy and enter it');
+    killed.kill('SIGKILL');
+    await killedResult;
+    await waitFor(() => processesMentioning(join(testDataDir(), 'images', '.tmp')).length === 0, 10_000, 'the chroot\'s processes to end with mayfly');
+    assert.notDeepEqual(leftovers().scratch, [], 'a killed maintain leaves its copy');
+    const next = await mayfly(['image', 'shell', name, '--', 'true']);
+    assert.equal(next.code, 0, next.stderr);
+    assert.deepEqual(leftovers(), { mounts: [], loops: [], scratch: [] });
+    assert.deepEqual(store().versions(name), before);
   });
 
   test('a fresh machine of the new version has the maintained files', async () => {
