@@ -4,6 +4,7 @@ import { errorText } from '../errors.ts';
 import { buildImage, findRecipe, recipeOf, type Image, type ImageStore, type Recipe } from '../images/index.ts';
 import type { Logger } from '../log.ts';
 import type { Progress } from '../progress.ts';
+import type { StateStore } from '../state/index.ts';
 
 // Scheduled rebuilds ([images] rebuild): at each time an image's cron expression names, mayflyd
 // builds it again from its recipe (the full build) and publishes the result as a new version.
@@ -110,4 +111,17 @@ export class ImageRebuilds {
     this.#stop.abort(new Error('mayflyd stops'));
     await Promise.allSettled([...this.#running.values()]);
   }
+}
+
+/** Scheduled rebuilds whose last attempt failed and that no newer version has made up for. */
+export function failedRebuilds(state: StateStore, images: readonly Image[]): { image: string; at: number; error: string }[] {
+  const last = new Map<string, { type: string; at: number; error: string }>();
+  for (const e of state.recentEvents(2000)) {
+    if ((e.type === 'image_rebuilt' || e.type === 'image_rebuild_failed') && typeof e.data.image === 'string') {
+      last.set(e.data.image, { type: e.type, at: e.at, error: String(e.data.error ?? '') });
+    }
+  }
+  return [...last]
+    .filter(([name, l]) => l.type === 'image_rebuild_failed' && !images.some((i) => i.name === name && Date.parse(i.createdAt) > l.at))
+    .map(([image, l]) => ({ image, at: l.at, error: l.error }));
 }

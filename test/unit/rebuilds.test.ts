@@ -5,7 +5,8 @@ import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { ConfigSchema } from '../../src/config/schema.ts';
 import { parseToml } from '../../src/config/toml.ts';
-import { ImageRebuilds, rebuildRecipe, rebuildSchedules } from '../../src/daemon/rebuilds.ts';
+import { failedRebuilds, ImageRebuilds, rebuildRecipe, rebuildSchedules } from '../../src/daemon/rebuilds.ts';
+import { Daemon } from '../../src/daemon/service.ts';
 import { ErrorCode, MayflyError } from '../../src/errors.ts';
 import { ImageStore, type Image } from '../../src/images/store.ts';
 import { silentLogger } from '../../src/log.ts';
@@ -110,5 +111,31 @@ describe('scheduled rebuilds', () => {
     assert.equal(rebuildRecipe(store, 'custom', []).source, file);
     assert.equal(rebuildRecipe(store, 'debian-12', []).source, 'builtin:debian-12');
     assert.match(catchMayfly(() => rebuildRecipe(store, 'nothing', [])).message, /no recipe named 'nothing'/);
+  });
+
+  test('mayflyd runs the schedule; a failed rebuild is an event that image ls reports until a newer version exists', async () => {
+    const dir = join(root, 'd4');
+    // No recipe of this name exists: every rebuild fails.
+    const config = ConfigSchema.parse({ images: { rebuild: { 'test-gone': '* * * * * *' } } });
+    const daemon = new Daemon({ dataDir: dir, config, log: silentLogger });
+    try {
+      await daemon.start();
+      const deadline = Date.now() + 5000;
+      while (!daemon.engine.state.recentEvents(50).some((e) => e.type === 'image_rebuild_failed') && Date.now() < deadline) {
+        await new Promise((res) => setTimeout(res, 100));
+      }
+      const ev = daemon.engine.state.recentEvents(50).find((e) => e.type === 'image_rebuild_failed');
+      assert.ok(ev, 'an image_rebuild_failed event');
+      assert.equal(ev.data.image, 'test-gone');
+      assert.match(String(ev.data.error), /no recipe named 'test-gone'/);
+      const failed = failedRebuilds(daemon.engine.state, daemon.engine.images.list());
+      assert.deepEqual(failed.map((f) => f.image), ['test-gone']);
+      // A version made after the failure answers it.
+      await new Promise((res) => setTimeout(res, 5));
+      fakePublish(daemon.engine.images, { name: 'test-gone', source: 'builtin:x', suite: 'bookworm' } as Recipe);
+      assert.deepEqual(failedRebuilds(daemon.engine.state, daemon.engine.images.list()), []);
+    } finally {
+      await daemon.stop();
+    }
   });
 });

@@ -2,7 +2,7 @@ import type { Command } from 'commander';
 import { ErrorCode, MayflyError } from '../../errors.ts';
 import { buildImage, findRecipe, formatGc, imageShell, importImage, maintainImage, recipeOf, type Image } from '../../images/index.ts';
 import type { Engine } from '../../pool/index.ts';
-import type { StateStore } from '../../state/index.ts';
+import { failedRebuilds } from '../../daemon/rebuilds.ts';
 import { age, bytes, printJson, printList } from '../format.ts';
 import type { ContextFactory } from '../main.ts';
 import { withAbort } from '../signals.ts';
@@ -18,18 +18,6 @@ function sourceText(i: Image): string {
   return i.source.maintainedFrom === undefined ? base : `${base}, ${i.source.maintainedBy ?? 'maintain'} of ${i.source.maintainedFrom}`;
 }
 
-/** Scheduled rebuilds whose last attempt failed and that no newer version has made up for. */
-export function failedRebuilds(state: StateStore, images: readonly Image[]): { image: string; at: number; error: string }[] {
-  const last = new Map<string, { type: string; at: number; error: string }>();
-  for (const e of state.recentEvents(2000)) {
-    if ((e.type === 'image_rebuilt' || e.type === 'image_rebuild_failed') && typeof e.data.image === 'string') {
-      last.set(e.data.image, { type: e.type, at: e.at, error: String(e.data.error ?? '') });
-    }
-  }
-  return [...last]
-    .filter(([name, l]) => l.type === 'image_rebuild_failed' && !images.some((i) => i.name === name && Date.parse(i.createdAt) > l.at))
-    .map(([image, l]) => ({ image, at: l.at, error: l.error }));
-}
 
 export function registerImage(program: Command, context: ContextFactory): void {
   const image = program.command('image').description('build, list, inspect, import and remove images');
