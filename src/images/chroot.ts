@@ -107,7 +107,7 @@ export async function runScriptInRoot(root: string, script: string, what: string
  */
 export function interactiveInRoot(root: string, cmd: readonly string[], signal?: AbortSignal): Promise<number> {
   const [bin, ...args] = chrootArgv(root, cmd);
-  const env: NodeJS.ProcessEnv = { ...chrootEnv, TERM: process.env.TERM ?? 'dumb', PS1: '(mayfly image shell) \\w# ' };
+  const env: NodeJS.ProcessEnv = { ...chrootEnv, TERM: process.env.TERM ?? 'dumb' };
   delete env.DEBIAN_FRONTEND;
   return new Promise((resolve, reject) => {
     const child = spawn(bin!, args, { stdio: 'inherit', env });

@@ -135,7 +135,7 @@ async function finalizeRoot(w: WorkRoot, signal?: AbortSignal, onLine?: (l: stri
 async function publishWorkRoot(store: ImageStore, w: WorkRoot, by: MaintainedBy, signal?: AbortSignal, progress?: Progress): Promise<Image> {
   const sealed = await rootKind(w.image).seal(w, signal);
   signal?.throwIfAborted();
-  progress?.step?.('publish');
+  progress?.step('publish');
   const { dir: _d, diskPath: _p, kernelPath: _k, initrdPath: _i, sizeBytes: _s, version, ...from } = w.image;
   const manifest: Omit<ImageManifest, 'version'> = {
     ...from,

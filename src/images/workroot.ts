@@ -76,7 +76,6 @@ export const vmRoot: RootKind = {
 
   async seal(w, signal) {
     const image = w.image;
-    const fields: Partial<ImageManifest> = {};
     if (image.kernel && image.initrd) {
       // mayfly's own images boot the kernel installed in them, which an upgrade may replace;
       // an imported image keeps the kernel it was given.
@@ -100,7 +99,7 @@ export const vmRoot: RootKind = {
     });
     rmSync(join(w.dir, 'disk.raw'), { force: true });
     const files = [image.disk, image.kernel, image.initrd].filter((f): f is string => Boolean(f)).map((f) => join(w.out, f));
-    return { ...fields, id: await contentId(files) };
+    return { id: await contentId(files) };
   },
 };
 
