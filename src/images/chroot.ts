@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process';
-import { existsSync, lstatSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, lstatSync, mkdirSync, readFileSync, readlinkSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ErrorCode, MayflyError } from '../errors.ts';
 import { unmountAll } from '../storage/mounts.ts';
@@ -21,9 +21,12 @@ const policyRcd = 'usr/sbin/policy-rc.d';
 export async function enterRoot(root: string): Promise<Entered> {
   const mounted: string[] = [];
   let ownPolicy = false;
+  let resolvBefore: SavedFile | undefined;
   const leave = async () => {
     if (ownPolicy) rmSync(join(root, policyRcd), { force: true });
     ownPolicy = false;
+    if (resolvBefore) restoreFile(join(root, 'etc', 'resolv.conf'), resolvBefore);
+    resolvBefore = undefined;
     for (const m of mounted.reverse()) await unmountAll(m);
     mounted.length = 0;
   };
@@ -39,16 +42,12 @@ export async function enterRoot(root: string): Promise<Entered> {
       await runChecked('mount', [...args, at], { code: ErrorCode.IMAGE_BUILD_FAILED, what: `mounting /${target} into the image` });
       mounted.push(at);
     }
-    // The host's resolver while we work; the image's own is put back by its finalize step (or
-    // the copy is thrown away).
-    const resolv = join(root, 'etc', 'resolv.conf');
+    // The host's resolver while we work; the image's own is put back on leaving (it points at
+    // the machines' network, which does not exist here).
     if (existsSync(join(root, 'etc'))) {
-      try {
-        lstatSync(resolv);
-        rmSync(resolv);
-      } catch {
-        // none
-      }
+      const resolv = join(root, 'etc', 'resolv.conf');
+      resolvBefore = saveFile(resolv);
+      rmSync(resolv, { force: true });
       writeFileSync(resolv, readFileSync('/etc/resolv.conf'));
     }
     if (existsSync(join(root, 'usr', 'sbin')) && !existsSync(join(root, policyRcd))) {
@@ -60,6 +59,24 @@ export async function enterRoot(root: string): Promise<Entered> {
     await leave();
     throw e;
   }
+}
+
+type SavedFile = { kind: 'none' } | { kind: 'link'; target: string } | { kind: 'file'; content: Buffer; mode: number };
+
+function saveFile(path: string): SavedFile {
+  try {
+    const st = lstatSync(path);
+    if (st.isSymbolicLink()) return { kind: 'link', target: readlinkSync(path) };
+    return { kind: 'file', content: readFileSync(path), mode: st.mode & 0o7777 };
+  } catch {
+    return { kind: 'none' };
+  }
+}
+
+function restoreFile(path: string, saved: SavedFile): void {
+  rmSync(path, { force: true });
+  if (saved.kind === 'link') symlinkSync(saved.target, path);
+  else if (saved.kind === 'file') writeFileSync(path, saved.content, { mode: saved.mode });
 }
 
 export const chrootEnv: NodeJS.ProcessEnv = {

@@ -123,7 +123,7 @@ export async function maintainImage(store: ImageStore, image: Image, recipe: Rec
 /** mayfly's finalize step in the copy: what clones must not share goes, caches are dropped. */
 async function finalizeRoot(w: WorkRoot, signal?: AbortSignal, onLine?: (l: string) => void): Promise<void> {
   if (isContainerImage(w.image)) {
-    await runScriptInRoot(w.root, 'apt-get clean\nrm -rf /var/lib/apt/lists/*', 'cleaning up', { signal, onLine });
+    await runScriptInRoot(w.root, 'if command -v apt-get >/dev/null; then apt-get clean; fi\nrm -rf /var/lib/apt/lists/*', 'cleaning up', { signal, onLine });
     return;
   }
   mkdirSync(join(w.root, 'tmp'), { recursive: true });
