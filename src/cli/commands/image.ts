@@ -18,9 +18,8 @@ function sourceText(i: Image): string {
   return i.source.maintainedFrom === undefined ? base : `${base}, ${i.source.maintainedBy ?? 'maintain'} of ${i.source.maintainedFrom}`;
 }
 
-
 export function registerImage(program: Command, context: ContextFactory): void {
-  const image = program.command('image').description('build, list, inspect, import and remove images');
+  const image = program.command('image').description('build, list, inspect, import, maintain, change, collect and remove images');
 
   image
     .command('build')
