@@ -40,11 +40,16 @@ export async function withSignals(ctx: Context, body: (signal: AbortSignal) => P
   }
 }
 
-/** Runs a long task that SIGINT/SIGTERM abort (killing its child processes), then exits 128+signal. */
-export async function withAbort<T>(body: (signal: AbortSignal) => Promise<T>): Promise<T> {
+/**
+ * Runs a long task that SIGINT/SIGTERM abort (killing its child processes), then exits 128+signal.
+ * With `terminalOwnsSigint`, SIGINT is left to the interactive child that has the terminal (the
+ * terminal sends ^C to both; the shell handles it, mayfly carries on).
+ */
+export async function withAbort<T>(body: (signal: AbortSignal) => Promise<T>, opts: { terminalOwnsSigint?: boolean } = {}): Promise<T> {
   const ac = new AbortController();
   let received: string | undefined;
   const h = (sig: string) => {
+    if (sig === 'SIGINT' && opts.terminalOwnsSigint) return;
     received ??= sig;
     ac.abort(new Error(`cancelled by ${sig}`));
   };

@@ -6,6 +6,7 @@
 // array of tables (`[[pool]]`) with `z.array(z.strictObject({...})).default([])`.
 
 import { isAbsolute } from 'node:path';
+import { Cron } from 'croner';
 import * as z from 'zod';
 
 export const IMAGE_NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
@@ -77,6 +78,33 @@ const poolSchema = z.strictObject({
   period: z.array(periodSchema).default([]),
 });
 
+/** Whether croner takes the pattern (5 fields, or 6 with seconds first). */
+function cronProblem(pattern: string): string | undefined {
+  try {
+    new Cron(pattern, { paused: true });
+    return undefined;
+  } catch (e) {
+    return e instanceof Error ? e.message : String(e);
+  }
+}
+
+const cronExpression = z.string().min(1).superRefine((p, ctx) => {
+  const problem = cronProblem(p);
+  if (problem) ctx.addIssue({ code: 'custom', message: `is not a cron expression (${problem}); e.g. "0 3 * * sun" for Sundays at 03:00` });
+});
+
+const timeZone = z.string().refine((tz) => {
+  try {
+    Intl.DateTimeFormat('en', { timeZone: tz });
+    return true;
+  } catch {
+    return false;
+  }
+}, 'is not a time zone; use an IANA name such as "UTC" or "Europe/Berlin"');
+
+/** A scheduled rebuild: a cron expression (in UTC), or one with its time zone. */
+const rebuildSchedule = z.union([cronExpression, z.strictObject({ cron: cronExpression, timezone: timeZone.default('UTC') })]);
+
 function int(min: number, max: number, fallback: number) {
   return z.int().min(min).max(max).default(fallback);
 }
@@ -114,6 +142,13 @@ export const configSections = {
     keep_versions: int(1, 100, 3),
     /** Per image name: restore | boot, overriding [defaults] start. */
     start: z.record(imageName, z.enum(START_MODES)).default({}),
+    /**
+     * Per image name: when mayflyd rebuilds it from its recipe (a full build), e.g.
+     * `rebuild = { "debian-12" = "0 3 * * sun" }` or `{ "debian-12" = { cron = "0 3 * * *", timezone = "Europe/Berlin" } }`.
+     */
+    rebuild: z.record(imageName, rebuildSchedule).default({}),
+    /** Seconds between mayflyd's garbage collections of unused image versions (also after every publish). */
+    gc_interval: int(60, 604800, 3600),
   }),
   log: section({
     level: z.enum(LOG_LEVELS).default('info'),

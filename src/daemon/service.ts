@@ -13,6 +13,8 @@ import { hostLimits } from '../pool/sizes.ts';
 import type { EventRecord } from '../state/index.ts';
 import { holderAlive } from '../util/proc.ts';
 import { Metrics } from './metrics.ts';
+import { ImageRebuilds, rebuildSchedules } from './rebuilds.ts';
+import { removeStaleWorkRoots } from '../images/workroot.ts';
 
 // mayflyd's core, without HTTP: the engine, the warm pools, the reaper and the event log.
 
@@ -58,6 +60,7 @@ export class Daemon {
   readonly events = new EventEmitter<{ event: [EventRecord] }>();
   readonly metrics = new Metrics();
   readonly log: Logger;
+  readonly rebuilds: ImageRebuilds;
   #timers: NodeJS.Timeout[] = [];
   #reconciling = false;
   #reaping = false;
@@ -83,6 +86,34 @@ export class Daemon {
       },
       onEvent: (e) => this.#record(e),
     });
+    this.rebuilds = new ImageRebuilds(rebuildSchedules(opts.config), {
+      images: engine.images,
+      recipeDirs: opts.config.images.recipe_dirs,
+      log: opts.log,
+      report: (type, data) => this.#recordEvent({ type, at: Date.now(), pool: null, instance: null, lease: null, data }),
+      afterPublish: (img) => this.collectImagesNow([img.name]),
+    });
+  }
+
+  #recordEvent(rec: Omit<EventRecord, 'id'>): void {
+    try {
+      const id = this.engine.state.addEvent(rec);
+      this.events.emit('event', { id, ...rec });
+    } catch (err) {
+      this.log.error({ err: errorText(err) }, 'could not record an event');
+    }
+  }
+
+  /** Removes unused old image versions; each removal is logged and recorded as an event. */
+  collectImagesNow(names?: readonly string[]): void {
+    try {
+      const plan = this.engine.collectImages({ names });
+      for (const d of plan.remove) {
+        this.#recordEvent({ type: 'image_removed', at: Date.now(), pool: null, instance: null, lease: null, data: { image: `${d.name}:${d.version}`, why: d.why } });
+      }
+    } catch (e) {
+      this.log.error({ err: errorText(e) }, 'image garbage collection failed');
+    }
   }
 
   #record(e: PoolEvent): void {
@@ -125,6 +156,9 @@ export class Daemon {
     const d = this.engine.config.daemon;
     this.#timers.push(setInterval(() => void this.reconcileNow(), d.reconcile_interval * 1000));
     this.#timers.push(setInterval(() => void this.reapNow(), d.reap_interval * 1000));
+    this.collectImagesNow();
+    this.#timers.push(setInterval(() => this.collectImagesNow(), this.engine.config.images.gc_interval * 1000));
+    this.rebuilds.start();
   }
 
   async reconcileNow(): Promise<void> {
@@ -145,6 +179,8 @@ export class Daemon {
     this.#reaping = true;
     try {
       const r = await reap({ state: this.engine.state, drivers: this.engine.drivers, instancesDir: this.engine.instancesDir, log: this.log });
+      // Copies of images that a killed `image maintain`/`image shell` left mounted.
+      for (const dir of await removeStaleWorkRoots(this.engine.images)) this.log.warn({ dir }, 'removed an image work dir whose process is gone');
       for (const x of r.removed) {
         this.metrics.reaped.inc();
         this.#record({ type: 'reaped', at: Date.now(), pool: '', instance: x.id, data: { why: x.why } });
@@ -163,6 +199,7 @@ export class Daemon {
   async stop(closeApi: () => Promise<void> = async () => {}): Promise<void> {
     for (const t of this.#timers) clearInterval(t);
     this.#timers = [];
+    await this.rebuilds.stop();
     const destroy = this.engine.config.daemon.delete_instances_on_shutdown;
     await this.pools.shutdown({ destroyIdle: destroy, destroyLeased: destroy });
     await closeApi();

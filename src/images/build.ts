@@ -278,7 +278,7 @@ function customizeHooks(recipe: Recipe, work: string): string[] {
   return hooks.map((h) => `--customize-hook=${h}`);
 }
 
-function findKernel(rootfs: string, name: string): { kernel: string; initrd: string } {
+export function findKernel(rootfs: string, name: string): { kernel: string; initrd: string } {
   const boot = join(rootfs, 'boot');
   const kernels = existsSync(boot) ? readdirSync(boot).filter((f) => f.startsWith('vmlinuz-')).sort(compareVersions) : [];
   const latest = kernels.at(-1);

@@ -17,7 +17,11 @@ export interface ImageManifest {
   /** A VM image (disk, kernel, initrd) or a container image (a root directory, `disk` names it). */
   kind: 'vm' | 'container';
   createdAt: string;
-  source: { type: 'recipe'; recipe: string; suite: string; packages: string[] } | { type: 'import'; disk: string };
+  source: ({ type: 'recipe'; recipe: string; suite: string; packages: string[] } | { type: 'import'; disk: string }) & {
+    /** Set on a version made from an earlier one by `image maintain` or `image shell --commit`. */
+    maintainedFrom?: number;
+    maintainedBy?: 'maintain' | 'shell';
+  };
   /** File names inside the version directory. */
   disk: string;
   kernel: string | null;

@@ -4,6 +4,7 @@ import type { Config } from '../config/index.ts';
 import { NspawnDriver, QemuDriver, type Driver, type MachineSize } from '../drivers/index.ts';
 import type { START_MODES } from '../config/schema.ts';
 import { ErrorCode, MayflyError, errorText } from '../errors.ts';
+import { collectImages, type GcPlan } from '../images/gc.ts';
 import { ImageStore, type Image } from '../images/store.ts';
 import type { Logger } from '../log.ts';
 import { openStateStore, type InstanceRecord, type StateStore } from '../state/index.ts';
@@ -175,6 +176,17 @@ export class Engine {
       image: req.image, size: req.size, owner: req.owner, pool: req.pool, signal: req.signal, template,
       onRestoreFailed: (t, why) => this.templates.drop(t, why),
     });
+  }
+
+  /**
+   * Removes image versions nothing needs any more ([images] keep_versions newest are kept, and
+   * any version an instance, a job record or a pool pinned to NAME:V refers to).
+   */
+  collectImages(opts: { dryRun?: boolean; names?: readonly string[] } = {}): GcPlan {
+    return collectImages(
+      { images: this.images, state: this.state, pools: this.config.pool, keep: this.config.images.keep_versions, log: this.log },
+      opts,
+    );
   }
 
   /** Instances in the state store, each with whether its process still runs. */

@@ -90,14 +90,14 @@ export async function ensureImage(name = 'debian-12'): Promise<void> {
  * A second, bootable image without a second build: the default image's files published again
  * under `name` (hard links; machines only read them), with a content id ending in `idDigit`.
  */
-export function publishImageCopy(name: string, idDigit: string): Image {
+export function publishImageCopy(name: string, idDigit: string, over: Partial<Pick<Image, 'source'>> = {}): Image {
   const store = new ImageStore(testDataDir());
   const base = store.resolve('debian-12');
   mkdirSync(join(store.root, '.tmp'), { recursive: true });
   const prep = mkdtempSync(join(store.root, '.tmp', `${name}-`));
   for (const f of [base.disk, base.kernel!, base.initrd!]) linkSync(join(base.dir, f), join(prep, f));
   const { dir: _d, diskPath: _p, kernelPath: _k, initrdPath: _i, sizeBytes: _s, version: _v, ...manifest } = base;
-  return store.publish(prep, { ...manifest, name, id: `sha256:${'0'.repeat(63)}${idDigit}` });
+  return store.publish(prep, { ...manifest, name, id: `sha256:${'0'.repeat(63)}${idDigit}`, ...over });
 }
 
 export function testEngine(): Engine {

@@ -125,6 +125,29 @@ describe('containers (systemd-nspawn)', { timeout: 900_000 }, () => {
     assertNothingLeft();
   });
 
+  test('a new image version made while a container runs (image shell --commit) does not change that container\'s files', async () => {
+    const engine = engineWith();
+    const lease = await engine.lease({ image: IMAGE, owner: 'test: maintain while running' });
+    const store = new ImageStore(testDataDir());
+    const before = store.versions(IMAGE).at(-1)!;
+    try {
+      const r = await mayfly(['image', 'shell', '--commit', IMAGE, '--', 'sh', '-c', 'echo new > /etc/mayfly-test-marker']);
+      assert.equal(r.code, 0, r.stderr);
+      const after = store.versions(IMAGE).at(-1)!;
+      assert.equal(after, before + 1);
+      const running = await lease.machine.guest.exec(['test', '-e', '/etc/mayfly-test-marker']);
+      assert.equal(running.exitCode, 1, 'the running container does not see the new version\'s file');
+      const fresh = await mayfly(['run', '--image', IMAGE, '--', 'cat', '/etc/mayfly-test-marker']);
+      assert.equal(fresh.stdout.trim(), 'new', fresh.stderr);
+    } finally {
+      await lease.release();
+      engine.close();
+      // Later tests (and other files) use the image as built.
+      for (const v of store.versions(IMAGE).filter((v) => v > before)) store.remove(IMAGE, v);
+    }
+    assertNothingLeft();
+  });
+
   describe('on a btrfs data dir (a loop filesystem made by the test)', () => {
     let mnt: string;
     let dataDir: string;

@@ -23,7 +23,7 @@ const DEFAULTS: Config = {
   defaults: { image: 'debian-12', cpus: 2, memory: 1024, disk: 4, start: 'restore' },
   qemu: { binary: 'qemu-system-x86_64', accel: 'auto', boot_timeout: 120, boot_retries: 1, tcg_tb_size: 64 },
   nspawn: { binary: 'systemd-nspawn', private_network: false, start_timeout: 30 },
-  images: { recipe_dirs: [], keep_versions: 3, start: {} },
+  images: { recipe_dirs: [], keep_versions: 3, start: {}, rebuild: {}, gc_interval: 3600 },
   log: { level: 'info' },
   storage: { backend: 'auto' },
   sizes: {},
@@ -100,7 +100,7 @@ level = "debug"
       ...DEFAULTS,
       defaults: { image: 'alpine-3.20', cpus: 8, memory: 1024, disk: 4, start: 'restore' },
       qemu: { binary: 'qemu-system-x86_64', accel: 'tcg', boot_timeout: 300, boot_retries: 1, tcg_tb_size: 64 },
-      images: { recipe_dirs: ['/srv/recipes', '/opt/more'], keep_versions: 3, start: {} },
+      images: { recipe_dirs: ['/srv/recipes', '/opt/more'], keep_versions: 3, start: {}, rebuild: {}, gc_interval: 3600 },
       log: { level: 'debug' },
     });
   });

@@ -5,5 +5,5 @@ set -eu
 : > /etc/machine-id
 rm -f /var/lib/dbus/machine-id
 echo mayfly > /etc/hostname
-apt-get clean
+if command -v apt-get >/dev/null; then apt-get clean; fi
 rm -rf /var/lib/apt/lists/* /tmp/mayfly-guest

@@ -18,7 +18,10 @@ echo 'nameserver 10.0.2.3' > /etc/resolv.conf
 # A small initrd boots noticeably faster under TCG than the default "most modules" one.
 if [ -d /etc/initramfs-tools ] && ls /boot/vmlinuz-* >/dev/null 2>&1; then
   sed -i 's/^MODULES=.*/MODULES=list/' /etc/initramfs-tools/initramfs.conf
-  printf 'virtio_pci\nvirtio_blk\nvirtio_net\nvirtio_scsi\n' >> /etc/initramfs-tools/modules
+  # Idempotent: image maintenance runs this again on a finished image.
+  for m in virtio_pci virtio_blk virtio_net virtio_scsi; do
+    grep -qx "$m" /etc/initramfs-tools/modules 2>/dev/null || echo "$m" >> /etc/initramfs-tools/modules
+  done
   update-initramfs -u -k all >/dev/null
 fi
 
