@@ -73,4 +73,10 @@ export interface Driver {
   saveSnapshot?(pid: number, dir: string, stateFile: string): Promise<void>;
   /** What must be equal between a template and its clones (emulator version, accelerator, …). */
   snapshotCompat?(image: Image): Promise<Record<string, string>>;
+  /**
+   * Adds an empty block device of `sizeBytes` to the running machine in `dir`, for the job's
+   * data (job_disk = "encrypted"); the guest finds it by `serial`. Drivers without it cannot
+   * offer an encrypted job disk (see assertJobDiskSupported).
+   */
+  attachJobDisk?(dir: string, sizeBytes: number): Promise<{ serial: string }>;
 }

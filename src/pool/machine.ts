@@ -8,6 +8,7 @@ import type { Logger } from '../log.ts';
 import type { StateStore } from '../state/index.ts';
 import { diskTooSmall, type StorageBackend } from '../storage/index.ts';
 import { newId } from '../util/ids.ts';
+import { setUpJobDisk, type JobDiskMode, type JobDiskOptions } from './job-disk.ts';
 import { pinTemplate, type Template } from './templates.ts';
 
 // One machine's life: clone → start → ready (a real command over SSH) → … → destroy.
@@ -39,6 +40,8 @@ export class Machine {
   restored = false;
   /** Booted by a retry without `quiet` (the first boot timed out). */
   verboseBoot = false;
+  /** Where the job's working data lives (see job-disk.ts). */
+  jobDisk: JobDiskMode = 'plain';
   readonly #deps: MachineDeps;
   #privateKey = '';
   #hostKey = '';
@@ -66,6 +69,8 @@ export class Machine {
       template?: Template;
       /** Told when restoring from `template` failed, so that it can be made again. */
       onRestoreFailed?: (t: Template, why: string) => void;
+      /** The job's data storage; plain (the root disk) when absent. */
+      jobDisk?: Omit<JobDiskOptions, 'user' | 'diskBytes'>;
     },
   ): Promise<Machine> {
     const { image, size } = req;
@@ -84,10 +89,17 @@ export class Machine {
       });
       mkdirSync(m.dir, { recursive: true, mode: 0o700 });
       await m.#start(req);
+      if (req.jobDisk && req.jobDisk.mode !== 'plain') {
+        const how = await setUpJobDisk(deps.driver, m.dir, await m.root(), { ...req.jobDisk, user: image.user, diskBytes: wantBytes }, req.signal);
+        m.jobDisk = req.jobDisk.mode;
+        // Jobs use the job user's connection; a root one is opened again when asked for.
+        m.#rootChannel?.close();
+        deps.log.debug({ instance: m.id, jobDisk: how }, 'job disk set up');
+      }
       m.readyAfterMs = Date.now() - t0;
       deps.state.updateInstance(m.id, { state: 'ready' });
       deps.log.info(
-        { instance: m.id, image: `${image.name}:${image.version}`, accel: m.started.accel, start: m.restored ? 'restore' : 'boot', seconds: +(m.readyAfterMs / 1000).toFixed(1) },
+        { instance: m.id, image: `${image.name}:${image.version}`, accel: m.started.accel, start: m.restored ? 'restore' : 'boot', jobDisk: m.jobDisk, seconds: +(m.readyAfterMs / 1000).toFixed(1) },
         'machine ready',
       );
       return m;

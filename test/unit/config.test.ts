@@ -20,11 +20,11 @@ function writeFile(name: string, text: string): string {
 }
 
 const DEFAULTS: Config = {
-  defaults: { image: 'debian-12', cpus: 2, memory: 1024, disk: 4, start: 'restore' },
+  defaults: { image: 'debian-12', cpus: 2, memory: 1024, disk: 4, start: 'restore', job_disk: 'plain', job_tmpfs_size: '50%' },
   qemu: { binary: 'qemu-system-x86_64', accel: 'auto', boot_timeout: 120, boot_retries: 1, tcg_tb_size: 64 },
   images: { recipe_dirs: [], keep_versions: 3, start: {} },
   log: { level: 'info' },
-  storage: { backend: 'auto' },
+  storage: { backend: 'auto', instances_dir: '' },
   sizes: {},
   capacity: { cpu_overcommit: 4, memory_overcommit: 1, memory_reserve: 1024 },
   daemon: {

@@ -2,7 +2,7 @@ import type { Command } from 'commander';
 import { ErrorCode, MayflyError } from '../../errors.ts';
 import { runCommand } from '../../integrations/local/run.ts';
 import { shellJoin } from '../../util/shell.ts';
-import { obtainJobMachine, startOption, type MachineChoice } from '../job-machine.ts';
+import { jobDiskOption, obtainJobMachine, startOption, type MachineChoice } from '../job-machine.ts';
 import { age, printList } from '../format.ts';
 import { collectPairs, positiveInt, type ContextFactory } from '../main.ts';
 import { withSignals } from '../signals.ts';
@@ -27,6 +27,7 @@ export function registerMachines(program: Command, context: ContextFactory): voi
     .option('--pool <name>', 'take a ready machine from this mayflyd pool')
     .option('--no-daemon', 'boot a machine in this process even when mayflyd runs')
     .addOption(startOption())
+    .addOption(jobDiskOption())
     .passThroughOptions()
     .action(async (command: string[], o: RunOptions) => {
       const ctx = context();
