@@ -138,6 +138,7 @@ export class Machine {
     const d = this.#deps;
     d.log.debug({ instance: this.id }, 'restoring from the snapshot template');
     const pinned = pinTemplate(t, this.dir);
+    if (pinned.copied) d.log.info({ instance: this.id, why: pinned.copied }, 'template copied into the instance dir');
     const disk = await d.storage.clone({ base: pinned.disk, instanceDir: this.dir, sizeBytes: this.size.diskGiB * 1024 ** 3 });
     try {
       d.state.updateInstance(this.id, { state: 'booting' });

@@ -1,4 +1,4 @@
-import { existsSync, linkSync, mkdirSync, readFileSync, readdirSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, linkSync, mkdirSync, readFileSync, readdirSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { basename, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { MachineSize } from '../drivers/types.ts';
@@ -207,22 +207,35 @@ export class Templates {
  * Hard links of the template's disk and state in a clone's instance dir, taken from one
  * generation of the template: the clone's overlay and its memory state then always match,
  * even when the template is remade meanwhile, and removing the template never pulls the base
- * from under a running clone. (Instance and image dirs are both in the data dir: one filesystem.)
+ * from under a running clone. When the instance dir is on another filesystem than the data dir
+ * (storage.instances_dir on a tmpfs), hard links are impossible: the files are copied instead,
+ * which costs their size in that filesystem per clone; `copied` then says why.
  */
-export function pinTemplate(t: Template, instanceDir: string): { disk: string; state: string } {
+export function pinTemplate(t: Template, instanceDir: string): { disk: string; state: string; copied?: string } {
   const disk = join(instanceDir, 'template-disk.qcow2');
   const state = join(instanceDir, 'template-state');
+  let copied: string | undefined;
   for (let attempt = 0; attempt < 3; attempt++) {
     rmSync(disk, { force: true });
     rmSync(state, { force: true });
     try {
-      linkSync(t.disk, disk);
-      linkSync(t.state, state);
+      if (copied) {
+        copyFileSync(t.disk, disk);
+        copyFileSync(t.state, state);
+      } else {
+        linkSync(t.disk, disk);
+        linkSync(t.state, state);
+      }
     } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'EXDEV' && !copied) {
+        copied = `the instance dir ${instanceDir} is on another filesystem than the template ${t.dir}, so it cannot be hard-linked; copied instead`;
+        attempt--;
+        continue;
+      }
       throw new MayflyError(ErrorCode.RESTORE_FAILED, `the snapshot template ${t.dir} is gone: ${errorText(e)}`);
     }
     // Still the generation the clone was given (the make publishes a new one by rename)?
-    if (sameGeneration(readFileOr(join(t.dir, 'meta.json'), ''), t.meta)) return { disk, state };
+    if (sameGeneration(readFileOr(join(t.dir, 'meta.json'), ''), t.meta)) return { disk, state, ...(copied ? { copied } : {}) };
   }
   throw new MayflyError(ErrorCode.RESTORE_FAILED, `the snapshot template ${t.dir} keeps changing under this clone`);
 }
