@@ -4,6 +4,7 @@ import type { MachineSize } from '../drivers/index.ts';
 import { ErrorCode, MayflyError } from '../errors.ts';
 import { customSizeLabel } from '../pool/sizes.ts';
 import type { ExecResult } from '../guest/index.ts';
+import { redactData } from '../secrets.ts';
 import type { AttachedMachine, Engine, JobDiskMode, Lease, StartMode } from '../pool/index.ts';
 
 // What an integration needs from a machine for one job, whether it was booted in this
@@ -116,7 +117,8 @@ export async function leaseJobMachine(client: DaemonClient, req: DaemonLeaseRequ
       pool: req.pool,
       image: req.pool ? undefined : req.image,
       size: req.pool || !req.size ? undefined : customSizeLabel(req.size),
-      job: { name: req.owner, ...req.job },
+      // mayflyd keeps this in its events and leases; it does not know this process's secrets.
+      job: redactData({ name: req.owner, ...req.job }),
       max_runtime: req.maxRuntime,
       // If this process dies without releasing, mayflyd releases the lease for it.
       holder_pid: process.pid,

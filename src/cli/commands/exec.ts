@@ -3,6 +3,7 @@ import { execJob } from '../../integrations/exec/run-job.ts';
 import { collectPairs, positiveInt, type ContextFactory } from '../main.ts';
 import { jobDiskOption, obtainJobMachine, startOption, type MachineChoice } from '../job-machine.ts';
 import { withSignals } from '../signals.ts';
+import { registerSecretsFromEnv } from '../../secrets.ts';
 
 export function registerExec(program: Command, context: ContextFactory): void {
   program
@@ -21,6 +22,7 @@ export function registerExec(program: Command, context: ContextFactory): void {
     .addOption(jobDiskOption())
     .action(async (job: string, o: MachineChoice & { file: string; var: Record<string, string> }) => {
       const ctx = context();
+      registerSecretsFromEnv(o.var);
       process.exitCode = await withSignals(ctx, (signal) =>
         execJob(
           ctx.engine(),

@@ -10,6 +10,7 @@ import { isValidEnvName, shellQuote } from '../../util/shell.ts';
 import type { JobMachine } from '../job-machine.ts';
 import { workspace } from '../local/run.ts';
 import { parseCiFile, resolveJob, type CiJob } from './gitlab-ci.ts';
+import { registerSecretsFromEnv } from '../../secrets.ts';
 import { expandVariables, refSlug } from './variables.ts';
 
 // `mayfly exec JOB`: one job of a .gitlab-ci.yml, run locally in a fresh machine with a copy
@@ -157,6 +158,8 @@ export async function execJob(
 
   const imageRef = pickImage(engine, p.job.image, req.image, say);
   const vars = expandVariables({ ...p.job.variables, ...req.vars }, predefinedVariables(p, imageRef));
+  // Variables named like secrets (…_TOKEN, …_PASSWORD, …) never reach mayfly's log or state.
+  registerSecretsFromEnv(vars);
   const mainScript = jobScript(vars, [...p.job.beforeScript, ...p.job.script], true); // validates names before a boot
   say(`job "${p.job.name}" (stage ${p.stage}) from ${p.job.file} in a fresh ${imageRef} machine`);
 
