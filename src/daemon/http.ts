@@ -1,4 +1,4 @@
-import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { timingSafeEqual } from 'node:crypto';
 import { dirname } from 'node:path';
 import { execFileSync } from 'node:child_process';
@@ -349,6 +349,13 @@ function readToken(file: string): string {
   if (!file) {
     throw new MayflyError(ErrorCode.CONFIG_INVALID, 'daemon.listen is set but daemon.token_file is empty: TCP clients must authenticate', {
       hint: 'write a long random token to a file readable only by root and set daemon.token_file to it',
+    });
+  }
+  // A token others can read is no secret: refuse it rather than serve TCP with it.
+  const mode = statSync(file).mode & 0o777;
+  if (mode & 0o077) {
+    throw new MayflyError(ErrorCode.CONFIG_INVALID, `daemon.token_file ${file} is readable by others (mode ${mode.toString(8).padStart(4, '0')})`, {
+      hint: `chmod 600 ${file} (owned by the user mayflyd runs as)`,
     });
   }
   const token = readFileSync(file, 'utf8').trim();

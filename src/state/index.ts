@@ -1,4 +1,4 @@
-import { mkdirSync } from 'node:fs';
+import { chmodSync, mkdirSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { DatabaseSync } from 'node:sqlite';
 import { redactData, redactSecrets } from '../secrets.ts';
@@ -230,6 +230,16 @@ export class SqliteStateStore implements StateStore {
         this.#db = db;
         this.#migrate();
       });
+      // Instance records name key files and job records name machines: root's business only.
+      // (SQLite gives its -wal and -shm files the database's mode.)
+      // Best effort: a reader that does not own the file (a user running `mayfly ps`) leaves it.
+      if (path !== ':memory:') {
+        try {
+          chmodSync(path, 0o600);
+        } catch {
+          // not ours to change
+        }
+      }
     } catch (e) {
       throw new MayflyError(ErrorCode.STATE, `cannot open the state database ${path}: ${errorText(e)}`, {
         hint: 'check that the data dir is writable (mayfly needs root), or pass another --data-dir',
