@@ -4,7 +4,10 @@ import { fileURLToPath } from 'node:url';
 import type { JOB_DISK_MODES } from '../config/schema.ts';
 import type { Driver } from '../drivers/types.ts';
 import { ErrorCode, MayflyError } from '../errors.ts';
-import type { GuestChannel } from '../guest/index.ts';
+import type { ExecOptions, ExecResult } from '../guest/index.ts';
+
+/** Runs a command as root in the machine. */
+export type RootExec = (argv: readonly string[], opts: ExecOptions) => Promise<ExecResult>;
 
 // Job data protection: where a job's working data (/builds, docker's data root) lives.
 // - plain:     on the machine's root disk (a qcow2 overlay in the instance dir; readable on
@@ -44,11 +47,11 @@ export function assertJobDiskSupported(driver: Pick<Driver, 'name' | 'attachJobD
   }
 }
 
-/** Sets up the job's data storage in a running machine; `root` is a root channel to it. */
+/** Sets up the job's data storage in a running machine; `asRoot` runs a command there as root. */
 export async function setUpJobDisk(
   driver: Driver,
   dir: string,
-  root: GuestChannel,
+  asRoot: RootExec,
   o: JobDiskOptions,
   signal?: AbortSignal,
 ): Promise<string> {
@@ -58,7 +61,7 @@ export async function setUpJobDisk(
   if (o.mode === 'encrypted') arg = (await driver.attachJobDisk!(dir, o.diskBytes)).serial;
   let out = '';
   let err = '';
-  const r = await root.exec(['sh', '-s', '--', o.mode, arg, o.user], {
+  const r = await asRoot(['sh', '-s', '--', o.mode, arg, o.user], {
     stdin: script,
     stdout: (c) => (out += c.toString()),
     stderr: (c) => (err += c.toString()),

@@ -8,7 +8,7 @@ import type { Logger } from '../log.ts';
 import type { StateStore } from '../state/index.ts';
 import { diskTooSmall, type StorageBackend } from '../storage/index.ts';
 import { newId } from '../util/ids.ts';
-import { setUpJobDisk, type JobDiskMode, type JobDiskOptions } from './job-disk.ts';
+import { setUpJobDisk, type JobDiskMode, type JobDiskOptions, type RootExec } from './job-disk.ts';
 import { pinTemplate, type Template } from './templates.ts';
 
 // One machine's life: clone → start → ready (a real command over SSH) → … → destroy.
@@ -90,10 +90,14 @@ export class Machine {
       mkdirSync(m.dir, { recursive: true, mode: 0o700 });
       await m.#start(req);
       if (req.jobDisk && req.jobDisk.mode !== 'plain') {
-        const how = await setUpJobDisk(deps.driver, m.dir, await m.root(), { ...req.jobDisk, user: image.user, diskBytes: wantBytes }, req.signal);
+        // mayfly's images give the job user passwordless sudo: through the connection that is
+        // already open, that saves a second SSH handshake and session (~1.5 s under TCG).
+        const viaSudo = image.identity === 'fw_cfg' && image.user !== 'root';
+        const asRoot: RootExec = viaSudo
+          ? (argv, o) => m.guest.exec(['sudo', '-n', '--', ...argv], o)
+          : async (argv, o) => (await m.root()).exec(argv, o);
+        const how = await setUpJobDisk(deps.driver, m.dir, asRoot, { ...req.jobDisk, user: image.user, diskBytes: wantBytes }, req.signal);
         m.jobDisk = req.jobDisk.mode;
-        // Jobs use the job user's connection; a root one is opened again when asked for.
-        m.#rootChannel?.close();
         deps.log.debug({ instance: m.id, jobDisk: how }, 'job disk set up');
       }
       m.readyAfterMs = Date.now() - t0;
