@@ -39,6 +39,7 @@ export function registerSecretsFromEnv(env: Record<string, string | undefined>, 
 /** Forgets every registered secret (tests). */
 export function clearSecrets(): void {
   values.clear();
+  pattern = undefined;
 }
 
 // A private key block, raw or as it appears inside a JSON string (newlines as \n).
@@ -54,15 +55,22 @@ function escapeRegExp(s: string): string {
 export function redactSecrets(text: string): string {
   let out = text.replace(privateKeyBlock(), redacted).replace(urlCredentials, `$1${redacted}@`);
   if (values.size === 0) return out;
-  // Longest first, so that a secret containing another is cut whole.
-  const forms = new Set<string>();
-  for (const v of values) {
-    forms.add(v);
-    forms.add(JSON.stringify(v).slice(1, -1));
+  return out.replace(valuesPattern(), redacted);
+}
+
+// Every log line goes through this: the pattern is rebuilt only when a secret was added.
+let pattern: { size: number; re: RegExp } | undefined;
+function valuesPattern(): RegExp {
+  if (pattern?.size !== values.size) {
+    // Longest first, so that a secret containing another is cut whole.
+    const forms = new Set<string>();
+    for (const v of values) {
+      forms.add(v);
+      forms.add(JSON.stringify(v).slice(1, -1));
+    }
+    pattern = { size: values.size, re: new RegExp([...forms].sort((a, b) => b.length - a.length).map(escapeRegExp).join('|'), 'g') };
   }
-  const re = new RegExp([...forms].sort((a, b) => b.length - a.length).map(escapeRegExp).join('|'), 'g');
-  out = out.replace(re, redacted);
-  return out;
+  return pattern.re;
 }
 
 /** A plain-data value (event data, a job description) with its strings redacted. */

@@ -42,7 +42,7 @@ describe('secrets stay out of logs, events and state', { timeout: 900_000 }, () 
     await ensureImage();
     dir = mkdtempSync('/var/tmp/mayfly-secrets-');
     daemonConfig = join(dir, 'daemon.toml');
-    writeFileSync(daemonConfig, `[daemon]\nsocket = "${join(dir, 'mayfly.sock')}"\nreconcile_interval = 1\n\n[[pool]]\nname = "sec"\nimage = "debian-12"\nsize = "2cpu1024mb4gb"\nidle_count = 0\nmax_instances = 1\n`);
+    writeFileSync(daemonConfig, `[daemon]\nsocket = "${join(dir, 'mayfly.sock')}"\nreconcile_interval = 1\n\n[[pool]]\nname = "sec"\nimage = "debian-12"\nsize = "2cpu1024mb4gb"\nidle_count = 0\nmax_instances = 1\njob_disk = "encrypted"\n`);
     // The GitLab stages boot their own machine: no daemon answers there.
     localConfig = join(dir, 'local.toml');
     writeFileSync(localConfig, `[daemon]\nsocket = "${join(dir, 'none.sock')}"\n`);
@@ -72,14 +72,16 @@ describe('secrets stay out of logs, events and state', { timeout: 900_000 }, () 
     SYSTEM_FAILURE_EXIT_CODE: '2',
   });
 
-  test('mayfly run through mayflyd: --secret-env, -e *_TOKEN, a private key and a secret in the command line', async () => {
+  test('mayfly run through mayflyd (a pool with job_disk = "encrypted"): --secret-env, -e *_TOKEN, a private key and a secret in the command line', async () => {
     const r = await mayfly([
-      '--debug', '--config', daemonConfig, 'run', '--pool', 'sec',
+      '--debug', '--config', daemonConfig, 'run', '--job-disk', 'encrypted',
       '--secret-env', `DEPLOY=${deploySecret}`, '-e', `API_TOKEN=${apiToken}`, '-e', `SIGNING=${privateKey}`,
-      '--', 'sh', '-c', `test "$DEPLOY" = "${deploySecret}" && test "$API_TOKEN" = "${apiToken}" && test -n "$SIGNING" && echo secrets-arrived`,
+      '--', 'sh', '-c', `test "$DEPLOY" = "${deploySecret}" && test "$API_TOKEN" = "${apiToken}" && test -n "$SIGNING" && findmnt -n -o SOURCE -T /builds`,
     ]);
     assert.equal(r.code, 0, r.stderr);
-    assert.equal(r.stdout, 'secrets-arrived\n');
+    // The pool's machine, with its encrypted job disk (the job_disk match chose the pool).
+    assert.equal(r.stdout, '/dev/mapper/mayfly-job[/builds]\n');
+    assert.match(r.stderr, /from pool sec after/);
     texts.push({ what: 'run stderr (its log lines)', text: r.stderr });
   });
 
