@@ -1,10 +1,13 @@
 import { Writable } from 'node:stream';
 import { pino, type Logger, type LevelWithSilent } from 'pino';
+import { redactSecrets } from './secrets.ts';
 
 export type { Logger };
 
 // Secrets never reach a log line: any field with one of these names is replaced, at any depth
-// pino's redaction reaches (top level and one level of nesting).
+// pino's redaction reaches (top level and one level of nesting); and every serialized line
+// goes through redactSecrets, which cuts the values of registered secrets (a job's token,
+// `-e` values marked secret), private keys and URL passwords wherever they appear.
 const secretKeys = ['token', 'password', 'privateKey', 'private_key', 'secret', 'authorization', 'key'];
 const redactPaths = secretKeys.flatMap((k) => [k, `*.${k}`]);
 
@@ -49,6 +52,7 @@ export function createLogger(opts: LogOptions = {}): Logger {
       level: opts.level ?? 'info',
       base: undefined,
       redact: { paths: redactPaths, censor: '[redacted]' },
+      hooks: { streamWrite: redactSecrets },
       timestamp: json ? pino.stdTimeFunctions.isoTime : false,
     },
     json ? dest : humanStream(dest),

@@ -1,7 +1,8 @@
 import { Option } from 'commander';
 import { DaemonClient } from '../daemon/client.ts';
 import type { MachineSize } from '../drivers/index.ts';
-import type { StartMode } from '../pool/index.ts';
+import type { JobDiskMode, StartMode } from '../pool/index.ts';
+import { JOB_DISK_MODES } from '../config/schema.ts';
 import { ErrorCode, MayflyError } from '../errors.ts';
 import { bootJobMachine, leaseJobMachine, type JobMachine } from '../integrations/job-machine.ts';
 import type { Context } from './context.ts';
@@ -18,6 +19,13 @@ export interface MachineChoice {
   keep?: boolean;
   /** restore | boot, for a machine this process starts (pool machines start as their pool says). */
   start?: StartMode;
+  /** plain | encrypted | tmpfs; from a pool only when the pool's job_disk is this. */
+  jobDisk?: JobDiskMode;
+}
+
+export function jobDiskOption(): Option {
+  return new Option('--job-disk <mode>', 'where the job\'s data (/builds, docker) lives: plain, encrypted (dm-crypt, key only in guest RAM) or tmpfs; default from the config')
+    .choices([...JOB_DISK_MODES]);
 }
 
 export function startOption(): Option {
@@ -41,11 +49,11 @@ export async function obtainJobMachine(ctx: Context, o: MachineChoice, owner: st
     const sized = o.cpus !== undefined || o.memory !== undefined || o.disk !== undefined;
     const s = sized ? ctx.engine().resolveSize(size) : undefined;
     try {
-      return await leaseJobMachine(client, { pool: o.pool, image, size: s, owner, signal });
+      return await leaseJobMachine(client, { pool: o.pool, image, size: s, owner, jobDisk: o.jobDisk, signal });
     } catch (e) {
       if (!(e instanceof MayflyError && e.code === ErrorCode.NO_MATCHING_POOL)) throw e;
       ctx.log.info('no mayflyd pool serves this image and size; booting a machine here');
     }
   }
-  return bootJobMachine(ctx.engine(), { image: o.image, size, owner, signal, start: o.start });
+  return bootJobMachine(ctx.engine(), { image: o.image, size, owner, signal, start: o.start, jobDisk: o.jobDisk });
 }

@@ -14,6 +14,15 @@ export const ACCELS = ['auto', 'kvm', 'tcg'] as const;
 export const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'silent'] as const;
 /** How a machine starts: from a snapshot template (about a second), or a full boot. */
 export const START_MODES = ['restore', 'boot'] as const;
+/**
+ * Where a job's working data (/builds, docker's data root) lives: on the machine's disk
+ * (plain), on a dm-crypt disk keyed from the guest's RNG (encrypted), or in the guest's RAM (tmpfs).
+ */
+export const JOB_DISK_MODES = ['plain', 'encrypted', 'tmpfs'] as const;
+/** A tmpfs size as mount(8) takes it: a share of the guest's RAM or an amount. */
+export const TMPFS_SIZE = /^(100|[1-9]?[0-9])%$|^[1-9][0-9]*[kmg]$/;
+const tmpfsSize = z.string().regex(TMPFS_SIZE, 'must be a share of the machine\'s memory like "50%" or an amount like "2g" or "512m"');
+
 /** `storage.backend`: the directory clone backends (src/storage/detect.ts), fastest first, or auto. */
 export const STORAGE_BACKENDS = ['auto', 'btrfs-snapshot', 'reflink', 'overlayfs', 'copy'] as const;
 
@@ -75,6 +84,8 @@ const poolSchema = z.strictObject({
   max_runtime: duration.default(0),
   /** restore | boot; default: [images] start for the image, else [defaults] start. */
   start: z.enum(START_MODES).optional(),
+  /** plain | encrypted | tmpfs; default: [defaults] job_disk. */
+  job_disk: z.enum(JOB_DISK_MODES).optional(),
   period: z.array(periodSchema).default([]),
 });
 
@@ -122,6 +133,9 @@ export const configSections = {
     memory: int(128, 262144, 1024), // MiB
     disk: int(1, 2048, 4), // GiB
     start: z.enum(START_MODES).default('restore'),
+    job_disk: z.enum(JOB_DISK_MODES).default('plain'),
+    /** Size of the tmpfs for job_disk = "tmpfs". */
+    job_tmpfs_size: tmpfsSize.default('50%'),
   }),
   qemu: section({
     binary: z.string().min(1).default('qemu-system-x86_64'),
@@ -156,6 +170,15 @@ export const configSections = {
   /** How container roots are cloned; VM disks are always qcow2 overlays. */
   storage: section({
     backend: z.enum(STORAGE_BACKENDS).default('auto'),
+    /**
+     * Where instance dirs (clones, console logs, sockets) go; empty: DATA/instances. Point it at
+     * a tmpfs to keep every machine's writes in host RAM.
+     */
+    instances_dir: z
+      .string()
+      .refine((p) => p === '' || isAbsolute(p), 'must be an absolute path (or empty for DATA/instances)')
+      .refine((p) => !p.includes(','), 'must not contain a comma (QEMU\'s option syntax cannot take one)')
+      .default(''),
   }),
   /** Named machine sizes; `small`, `medium` and `large` always exist and may be redefined. */
   sizes: z.record(sizeLabel, sizeSchema).default({}),

@@ -1,4 +1,4 @@
-import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { timingSafeEqual } from 'node:crypto';
 import { dirname } from 'node:path';
 import { execFileSync } from 'node:child_process';
@@ -6,7 +6,9 @@ import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify';
 import { ErrorCode, MayflyError, errorText, isMayflyError } from '../errors.ts';
 import { parseSizeLabel, namedSizes } from '../pool/sizes.ts';
 import { version } from '../version.ts';
-import type { Daemon } from './service.ts';
+import { JOB_DISK_MODES } from '../config/schema.ts';
+import type { JobDiskMode } from '../pool/index.ts';
+import { poolJobDisk, type Daemon } from './service.ts';
 
 // mayflyd's HTTP API: JSON in and out, validated; errors are JSON {code, message, hint}.
 // Served on a unix socket (0660, root and socket_group) and, when configured, on TCP with a
@@ -21,6 +23,8 @@ interface LeaseBody {
   max_runtime?: number;
   /** A local client's pid: when that process is gone, the lease is released for it. */
   holder_pid?: number;
+  /** Only a pool with this job_disk serves the lease. */
+  job_disk?: JobDiskMode;
 }
 
 interface ExecBody {
@@ -112,6 +116,7 @@ export function buildApp(daemon: Daemon, opts: { token?: string } = {}): Fastify
             timeout: { type: 'number', minimum: 0, maximum: 86400 },
             max_runtime: { type: 'number', minimum: 0, maximum: 604800 },
             holder_pid: { type: 'integer', minimum: 1 },
+            job_disk: { type: 'string', enum: [...JOB_DISK_MODES] },
           },
         },
         response: { 400: errorSchema },
@@ -119,7 +124,12 @@ export function buildApp(daemon: Daemon, opts: { token?: string } = {}): Fastify
     },
     async (req, reply) => {
       const b = req.body;
-      const pool = b.pool ?? matchPool(daemon, b.image, b.size);
+      const pool = b.pool ?? matchPool(daemon, b.image, b.size, b.job_disk);
+      if (b.pool && b.job_disk && poolJobDisk(daemon.engine.config, b.pool) !== b.job_disk) {
+        throw new MayflyError(ErrorCode.USAGE, `pool ${b.pool} keeps job data ${poolJobDisk(daemon.engine.config, b.pool)}, not ${b.job_disk}`, {
+          hint: 'pick a pool with that job_disk, or leave out --job-disk to take the pool\'s',
+        });
+      }
       const ac = new AbortController();
       // A client that hangs up while waiting gives up its place in the queue. (The request's own
       // 'close' fires once its body is read; the response's fires only on a real disconnect.)
@@ -259,7 +269,7 @@ function streamExec(
 }
 
 /** The pool whose image and size match a request that names no pool. */
-function matchPool(daemon: Daemon, image: string | undefined, size: string | undefined): string {
+function matchPool(daemon: Daemon, image: string | undefined, size: string | undefined, jobDisk: JobDiskMode | undefined): string {
   const config = daemon.engine.config;
   const want = size === undefined ? undefined : parseSizeLabel(size, namedSizes(config.sizes));
   // A pool boots its image's newest version: it serves `NAME`, and `NAME:V` or an id only when
@@ -278,10 +288,11 @@ function matchPool(daemon: Daemon, image: string | undefined, size: string | und
   const candidates = daemon.pools.status().filter(
     (p) =>
       serves(p) &&
+      (jobDisk === undefined || poolJobDisk(config, p.name) === jobDisk) &&
       (want === undefined || (p.size.cpus === want.cpus && p.size.memoryMiB === want.memoryMiB && p.size.diskGiB === want.diskGiB)),
   );
   if (candidates.length === 0) {
-    throw new MayflyError(ErrorCode.NO_MATCHING_POOL, `no pool serves image ${image ?? '(any)'} with size ${size ?? '(any)'}`, {
+    throw new MayflyError(ErrorCode.NO_MATCHING_POOL, `no pool serves image ${image ?? '(any)'} with size ${size ?? '(any)'}${jobDisk ? ` and job_disk ${jobDisk}` : ''}`, {
       hint: `pools: ${daemon.pools.status().map((p) => `${p.name} (${p.image}, ${p.size.cpus}cpu/${p.size.memoryMiB}M/${p.size.diskGiB}G)`).join('; ') || 'none configured'}`,
     });
   }
@@ -338,6 +349,13 @@ function readToken(file: string): string {
   if (!file) {
     throw new MayflyError(ErrorCode.CONFIG_INVALID, 'daemon.listen is set but daemon.token_file is empty: TCP clients must authenticate', {
       hint: 'write a long random token to a file readable only by root and set daemon.token_file to it',
+    });
+  }
+  // A token others can read is no secret: refuse it rather than serve TCP with it.
+  const mode = statSync(file).mode & 0o777;
+  if (mode & 0o077) {
+    throw new MayflyError(ErrorCode.CONFIG_INVALID, `daemon.token_file ${file} is readable by others (mode ${mode.toString(8).padStart(4, '0')})`, {
+      hint: `chmod 600 ${file} (owned by the user mayflyd runs as)`,
     });
   }
   const token = readFileSync(file, 'utf8').trim();

@@ -5,7 +5,7 @@ import type { Config } from '../config/index.ts';
 import type { MachineSize } from '../drivers/types.ts';
 import { ErrorCode, MayflyError, errorText } from '../errors.ts';
 import type { Logger } from '../log.ts';
-import { Engine, Machine } from '../pool/index.ts';
+import { Engine, Machine, type JobDiskMode } from '../pool/index.ts';
 import { poolSpecs } from '../pool/policy.ts';
 import { PoolManager, type CapacityGuard, type PoolEvent } from '../pool/pool.ts';
 import { reap } from '../pool/reaper.ts';
@@ -17,6 +17,11 @@ import { ImageRebuilds, rebuildSchedules } from './rebuilds.ts';
 import { removeStaleWorkRoots } from '../images/workroot.ts';
 
 // mayflyd's core, without HTTP: the engine, the warm pools, the reaper and the event log.
+
+/** A pool's job_disk, or [defaults] job_disk. */
+export function poolJobDisk(config: Config, pool: string): JobDiskMode {
+  return config.pool.find((p) => p.name === pool)?.job_disk ?? config.defaults.job_disk;
+}
 
 export function capacityGuard(config: Config): CapacityGuard {
   const host = hostLimits(0);
@@ -82,6 +87,7 @@ export class Daemon {
           pool: spec.name,
           signal,
           start: opts.config.pool.find((p) => p.name === spec.name)?.start,
+          jobDisk: poolJobDisk(opts.config, spec.name),
         });
       },
       onEvent: (e) => this.#record(e),

@@ -28,6 +28,11 @@ export interface StartSpec {
   size: MachineSize;
   disk: Clone;
   identity: MachineIdentity;
+  /**
+   * Mount a tmpfs of this size (mount(8)'s size=, e.g. "50%" of the machine's memory or "2g") on
+   * the job's /builds; only for drivers with `mountsJobTmpfs`.
+   */
+  jobTmpfs?: string;
   /** Boot with full console output (no `quiet`), to diagnose a boot that timed out before. */
   verbose?: boolean;
   /**
@@ -73,4 +78,12 @@ export interface Driver {
   saveSnapshot?(pid: number, dir: string, stateFile: string): Promise<void>;
   /** What must be equal between a template and its clones (emulator version, accelerator, …). */
   snapshotCompat?(image: Image): Promise<Record<string, string>>;
+  /**
+   * Adds an empty block device of `sizeBytes` to the running machine in `dir`, for the job's
+   * data (job_disk = "encrypted"); the guest finds it by `serial`. Drivers without it cannot
+   * offer an encrypted job disk (see assertJobDiskSupported).
+   */
+  attachJobDisk?(dir: string, sizeBytes: number): Promise<{ serial: string }>;
+  /** The driver mounts `job_disk = "tmpfs"` itself at start (StartSpec.jobTmpfs) rather than the guest after it. */
+  readonly mountsJobTmpfs?: boolean;
 }

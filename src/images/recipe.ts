@@ -46,10 +46,13 @@ export type Recipe = z.infer<typeof recipeSchema> & {
   source: string;
 };
 
-/** Packages every mayfly VM needs, whatever the recipe asks for. */
+/**
+ * Packages every mayfly VM needs, whatever the recipe asks for. cryptsetup-bin (the tool
+ * without the boot-time crypttab machinery) opens the encrypted job disk (job_disk = "encrypted").
+ */
 export const vmBasePackages = [
   'linux-image-cloud-amd64', 'initramfs-tools', 'systemd-sysv', 'udev', 'dbus', 'kmod', 'openssh-server',
-  'iproute2', 'sudo', 'e2fsprogs', 'util-linux',
+  'iproute2', 'sudo', 'e2fsprogs', 'util-linux', 'cryptsetup-bin',
 ];
 
 /** Packages every mayfly container needs: no kernel, init or sshd (commands enter with nsenter). */

@@ -4,7 +4,8 @@ import type { MachineSize } from '../drivers/index.ts';
 import { ErrorCode, MayflyError } from '../errors.ts';
 import { customSizeLabel } from '../pool/sizes.ts';
 import type { ExecResult } from '../guest/index.ts';
-import type { AttachedMachine, Engine, Lease, StartMode } from '../pool/index.ts';
+import { redactData } from '../secrets.ts';
+import type { AttachedMachine, Engine, JobDiskMode, Lease, StartMode } from '../pool/index.ts';
 
 // What an integration needs from a machine for one job, whether it was booted in this
 // process or leased from mayflyd's warm pool: run commands (with input, output and
@@ -41,11 +42,12 @@ export interface JobMachineRequest {
   owner: string;
   signal?: AbortSignal;
   start?: StartMode;
+  jobDisk?: JobDiskMode;
 }
 
 /** A fresh machine started by this process. */
 export async function bootJobMachine(engine: Engine, req: JobMachineRequest): Promise<JobMachine> {
-  return localJobMachine(await engine.lease({ image: req.image, size: req.size, owner: req.owner, signal: req.signal, start: req.start }));
+  return localJobMachine(await engine.lease({ image: req.image, size: req.size, owner: req.owner, signal: req.signal, start: req.start, jobDisk: req.jobDisk }));
 }
 
 /** A machine this process holds through an engine lease. */
@@ -101,6 +103,8 @@ export interface DaemonLeaseRequest {
   job?: Record<string, string>;
   /** Seconds; mayflyd kills the machine after this (the pool's max_runtime is the ceiling). */
   maxRuntime?: number;
+  /** Only a pool with this job_disk; any when absent. */
+  jobDisk?: JobDiskMode;
   signal?: AbortSignal;
 }
 
@@ -113,10 +117,12 @@ export async function leaseJobMachine(client: DaemonClient, req: DaemonLeaseRequ
       pool: req.pool,
       image: req.pool ? undefined : req.image,
       size: req.pool || !req.size ? undefined : customSizeLabel(req.size),
-      job: { name: req.owner, ...req.job },
+      // mayflyd keeps this in its events and leases; it does not know this process's secrets.
+      job: redactData({ name: req.owner, ...req.job }),
       max_runtime: req.maxRuntime,
       // If this process dies without releasing, mayflyd releases the lease for it.
       holder_pid: process.pid,
+      job_disk: req.jobDisk,
     },
     undefined,
     req.signal,

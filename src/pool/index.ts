@@ -13,11 +13,13 @@ import { attachInstance, type AttachedMachine } from './attached.ts';
 import { Machine, type MachineDeps } from './machine.ts';
 import { removeInstance } from './reaper.ts';
 import { checkSize, hostLimits } from './sizes.ts';
+import { assertJobDiskSupported, type JobDiskMode } from './job-disk.ts';
 import { Templates, type Template } from './templates.ts';
 
 export type StartMode = (typeof START_MODES)[number];
 
 export { Machine } from './machine.ts';
+export { assertJobDiskSupported, type JobDiskMode } from './job-disk.ts';
 export type { AttachedMachine } from './attached.ts';
 
 // The engine: everything under the integrations, as one library. Today a lease boots a machine
@@ -32,6 +34,8 @@ export interface LeaseRequest {
   signal?: AbortSignal;
   /** restore | boot; default from the config. */
   start?: StartMode;
+  /** plain | encrypted | tmpfs; default from the config. */
+  jobDisk?: JobDiskMode;
 }
 
 export interface Lease {
@@ -111,7 +115,7 @@ export class Engine {
   }
 
   get instancesDir(): string {
-    return join(this.dataDir, 'instances');
+    return this.config.storage.instances_dir || join(this.dataDir, 'instances');
   }
 
   /** Fills a partial size from the config's defaults and checks it against the host. */
@@ -140,7 +144,7 @@ export class Engine {
       { image: `${image.name}:${image.version}`, cpus: size.cpus, memory: size.memoryMiB, disk: size.diskGiB },
       'starting a fresh machine',
     );
-    const machine = await this.createMachine({ image, size, owner: req.owner, signal: req.signal, start: req.start });
+    const machine = await this.createMachine({ image, size, owner: req.owner, signal: req.signal, start: req.start, jobDisk: req.jobDisk });
     try {
       machine.setOwner(req.owner);
     } catch (e) {
@@ -159,7 +163,12 @@ export class Engine {
    * A new machine, restored from the image's snapshot template (made now if there is none)
    * when the start mode says so and the image can be restored, else booted.
    */
-  async createMachine(req: { image: Image; size: MachineSize; owner: string; pool?: string; signal?: AbortSignal; start?: StartMode }): Promise<Machine> {
+  async createMachine(req: {
+    image: Image; size: MachineSize; owner: string; pool?: string; signal?: AbortSignal; start?: StartMode; jobDisk?: JobDiskMode;
+  }): Promise<Machine> {
+    const jobDisk = req.jobDisk ?? this.config.defaults.job_disk;
+    // Before a template is made or a machine started: an unsupported mode fails at once.
+    assertJobDiskSupported(req.image.kind === 'container' ? this.containers : this.driver, jobDisk);
     const mode = req.start ?? this.startMode(req.image);
     let template: Template | undefined;
     if (mode === 'restore' && this.templates.canSnapshot(req.image)) {
@@ -175,6 +184,7 @@ export class Engine {
     return Machine.create(await this.machineDepsFor(req.image), {
       image: req.image, size: req.size, owner: req.owner, pool: req.pool, signal: req.signal, template,
       onRestoreFailed: (t, why) => this.templates.drop(t, why),
+      jobDisk: { mode: jobDisk, tmpfsSize: this.config.defaults.job_tmpfs_size },
     });
   }
 

@@ -1,6 +1,7 @@
-import { mkdirSync } from 'node:fs';
+import { chmodSync, mkdirSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { DatabaseSync } from 'node:sqlite';
+import { redactData, redactSecrets } from '../secrets.ts';
 import { ErrorCode, MayflyError, errorText } from '../errors.ts';
 
 // The state store: what mayfly believes exists on this host. SQLite through node:sqlite (no
@@ -229,6 +230,16 @@ export class SqliteStateStore implements StateStore {
         this.#db = db;
         this.#migrate();
       });
+      // Instance records name key files and job records name machines: root's business only.
+      // (SQLite gives its -wal and -shm files the database's mode.)
+      // Best effort: a reader that does not own the file (a user running `mayfly ps`) leaves it.
+      if (path !== ':memory:') {
+        try {
+          chmodSync(path, 0o600);
+        } catch {
+          // not ours to change
+        }
+      }
     } catch (e) {
       throw new MayflyError(ErrorCode.STATE, `cannot open the state database ${path}: ${errorText(e)}`, {
         hint: 'check that the data dir is writable (mayfly needs root), or pass another --data-dir',
@@ -267,7 +278,7 @@ export class SqliteStateStore implements StateStore {
       .run(
         rec.id, rec.driver, rec.imageName, rec.imageVersion, rec.imageId, rec.state, rec.createdAt, rec.updatedAt,
         rec.pid, rec.dir, JSON.stringify(rec.disks), rec.consoleLog, rec.sshPort, rec.cpus, rec.memoryMiB,
-        rec.diskGiB, rec.accel, rec.owner, rec.holderPid, rec.pool,
+        rec.diskGiB, rec.accel, rec.owner === null ? null : redactSecrets(rec.owner), rec.holderPid, rec.pool,
       );
   }
 
@@ -279,7 +290,7 @@ export class SqliteStateStore implements StateStore {
       const col = cols[k];
       if (!col) continue;
       sets.push(`${col} = ?`);
-      values.push(v as string | number | null);
+      values.push(typeof v === 'string' ? redactSecrets(v) : (v as number | null));
     }
     this.#db.prepare(`UPDATE instances SET ${sets.join(', ')} WHERE id = ?`).run(...values, id);
   }
@@ -304,7 +315,7 @@ export class SqliteStateStore implements StateStore {
   addEvent(e: Omit<EventRecord, 'id'>): number {
     const r = this.#db
       .prepare('INSERT INTO events (at, type, pool, instance, lease, data) VALUES (?, ?, ?, ?, ?, ?)')
-      .run(e.at, e.type, e.pool, e.instance, e.lease, JSON.stringify(e.data));
+      .run(e.at, e.type, e.pool, e.instance, e.lease, JSON.stringify(redactData(e.data)));
     return Number(r.lastInsertRowid);
   }
 
@@ -320,7 +331,7 @@ export class SqliteStateStore implements StateStore {
   insertLease(l: LeaseRecord): void {
     this.#db
       .prepare('INSERT INTO leases (id, pool, instance, job, state, queued_at, leased_at, deadline, released_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)')
-      .run(l.id, l.pool, l.instance, JSON.stringify(l.job), l.state, l.queuedAt, l.leasedAt, l.deadline, l.releasedAt);
+      .run(l.id, l.pool, l.instance, JSON.stringify(redactData(l.job)), l.state, l.queuedAt, l.leasedAt, l.deadline, l.releasedAt);
   }
 
   updateLease(id: string, patch: { state: LeaseState; releasedAt?: number }): void {
@@ -350,7 +361,7 @@ export class SqliteStateStore implements StateStore {
     this.#db.prepare('DELETE FROM jobs WHERE key = ?').run(j.key);
     this.#db
       .prepare('INSERT INTO jobs (key, integration, instance, lease, created_at, expires_at, data) VALUES (?, ?, ?, ?, ?, ?, ?)')
-      .run(j.key, j.integration, j.instance, j.lease, j.createdAt, j.expiresAt, JSON.stringify(j.data));
+      .run(j.key, j.integration, j.instance, j.lease, j.createdAt, j.expiresAt, JSON.stringify(redactData(j.data)));
   }
 
   getJob(key: string): JobRecord | undefined {

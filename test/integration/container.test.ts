@@ -95,6 +95,18 @@ describe('containers (systemd-nspawn)', { timeout: 900_000 }, () => {
     assertNothingLeft();
   });
 
+  test('job_disk tmpfs: /builds is a tmpfs owned by the job user, sized from the container\'s memory; encrypted is refused clearly', async () => {
+    const r = await mayfly(['run', '--memory', '512', '--job-disk', 'tmpfs', '--image', IMAGE, '--', 'sh', '-c', 'findmnt -n -o FSTYPE,OPTIONS /builds; stat -c %U /builds']);
+    assert.equal(r.code, 0, r.stderr);
+    const [mount, owner] = r.stdout.trim().split('\n');
+    assert.match(mount!, /^tmpfs .*size=262144k/);
+    assert.equal(owner, 'ci');
+    const enc = await mayfly(['run', '--job-disk', 'encrypted', '--image', IMAGE, '--', 'true']);
+    assert.equal(enc.code, 125);
+    assert.match(enc.stderr, /job_disk = "encrypted" is not supported for nspawn machines/);
+    assertNothingLeft();
+  });
+
   test('private network: the container sees only its loopback', async () => {
     const engine = engineWith((c) => (c.nspawn.private_network = true));
     const lease = await engine.lease({ image: IMAGE, owner: 'test: private network' });

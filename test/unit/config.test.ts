@@ -20,12 +20,12 @@ function writeFile(name: string, text: string): string {
 }
 
 const DEFAULTS: Config = {
-  defaults: { image: 'debian-12', cpus: 2, memory: 1024, disk: 4, start: 'restore' },
+  defaults: { image: 'debian-12', cpus: 2, memory: 1024, disk: 4, start: 'restore', job_disk: 'plain', job_tmpfs_size: '50%' },
   qemu: { binary: 'qemu-system-x86_64', accel: 'auto', boot_timeout: 120, boot_retries: 1, tcg_tb_size: 64 },
   nspawn: { binary: 'systemd-nspawn', private_network: false, start_timeout: 30 },
   images: { recipe_dirs: [], keep_versions: 3, start: {}, rebuild: {}, gc_interval: 3600 },
   log: { level: 'info' },
-  storage: { backend: 'auto' },
+  storage: { backend: 'auto', instances_dir: '' },
   sizes: {},
   capacity: { cpu_overcommit: 4, memory_overcommit: 1, memory_reserve: 1024 },
   daemon: {
@@ -98,7 +98,7 @@ level = "debug"
     );
     assert.deepEqual(loadConfig(path), {
       ...DEFAULTS,
-      defaults: { image: 'alpine-3.20', cpus: 8, memory: 1024, disk: 4, start: 'restore' },
+      defaults: { image: 'alpine-3.20', cpus: 8, memory: 1024, disk: 4, start: 'restore', job_disk: 'plain', job_tmpfs_size: '50%' },
       qemu: { binary: 'qemu-system-x86_64', accel: 'tcg', boot_timeout: 300, boot_retries: 1, tcg_tb_size: 64 },
       images: { recipe_dirs: ['/srv/recipes', '/opt/more'], keep_versions: 3, start: {}, rebuild: {}, gc_interval: 3600 },
       log: { level: 'debug' },
@@ -137,6 +137,25 @@ level = "debug"
       catchMayfly(() => loadConfig(path)).message,
       `${path}:2: storage.backend: must be one of "auto", "btrfs-snapshot", "reflink", "overlayfs", "copy" (got "zfs")`,
     );
+  });
+});
+
+describe('job data and instance dir settings', () => {
+  test('job_disk takes plain, encrypted or tmpfs, in [defaults] and per pool', () => {
+    const c = loadConfig(writeFile('jd.toml', '[defaults]\njob_disk = "tmpfs"\njob_tmpfs_size = "2g"\n[[pool]]\nname = "p"\nimage = "debian-12"\njob_disk = "encrypted"\n'));
+    assert.equal(c.defaults.job_disk, 'tmpfs');
+    assert.equal(c.defaults.job_tmpfs_size, '2g');
+    assert.equal(c.pool[0]!.job_disk, 'encrypted');
+    const bad = writeFile('jd-bad.toml', '[defaults]\njob_disk = "luks"\n');
+    assert.match(catchMayfly(() => loadConfig(bad)).message, /defaults\.job_disk: must be one of "plain", "encrypted", "tmpfs" \(got "luks"\)/);
+    const size = writeFile('jd-size.toml', '[defaults]\njob_tmpfs_size = "half"\n');
+    assert.match(catchMayfly(() => loadConfig(size)).message, /job_tmpfs_size: must be a share of the machine's memory like "50%"/);
+  });
+
+  test('storage.instances_dir must be absolute and free of commas', () => {
+    assert.equal(loadConfig(writeFile('inst.toml', '[storage]\ninstances_dir = "/dev/shm/mayfly"\n')).storage.instances_dir, '/dev/shm/mayfly');
+    assert.match(catchMayfly(() => loadConfig(writeFile('inst-rel.toml', '[storage]\ninstances_dir = "inst"\n'))).message, /instances_dir: must be an absolute path/);
+    assert.match(catchMayfly(() => loadConfig(writeFile('inst-comma.toml', '[storage]\ninstances_dir = "/a,b"\n'))).message, /must not contain a comma/);
   });
 });
 

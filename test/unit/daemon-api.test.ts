@@ -65,6 +65,16 @@ describe('mayflyd API', () => {
     const noMatch = await app.inject({ method: 'POST', url: '/v1/leases', payload: { image: 'other' } });
     assert.equal(noMatch.statusCode, 400);
     assert.match(noMatch.json().message, /no pool serves image other/);
+    // A lease for a job_disk no pool keeps is refused, naming it; a pool asked for by name must keep it.
+    const noDisk = await app.inject({ method: 'POST', url: '/v1/leases', payload: { image: 'debian-12', job_disk: 'encrypted' } });
+    assert.equal(noDisk.statusCode, 400);
+    assert.match(noDisk.json().message, /no pool serves image debian-12 with size \(any\) and job_disk encrypted/);
+    const wrongDisk = await app.inject({ method: 'POST', url: '/v1/leases', payload: { pool: 'p', job_disk: 'tmpfs' } });
+    assert.equal(wrongDisk.statusCode, 400);
+    assert.match(wrongDisk.json().message, /pool p keeps job data plain, not tmpfs/);
+    const badDisk = await app.inject({ method: 'POST', url: '/v1/leases', payload: { pool: 'p', job_disk: 'luks' } });
+    assert.equal(badDisk.statusCode, 400);
+    assert.match(badDisk.json().message, /job_disk/);
     const noLease = await app.inject({ method: 'DELETE', url: '/v1/leases/lease-x' });
     assert.equal(noLease.statusCode, 404);
     assert.equal(noLease.json().code, 'MAYFLY_ERR_LEASE_NOT_FOUND');

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
@@ -98,6 +98,30 @@ test('a clone pins the template: hard links of one generation, which survive the
   assert.equal(readFileSync(p.state, 'utf8'), 'state');
   assert.equal(readFileSync(p.disk, 'utf8'), 'disk');
   assert.throws(() => pinTemplate(t, inst), /the snapshot template .* is gone/);
+});
+
+test('a clone on another filesystem (instances_dir on a tmpfs) gets copies of the template, and says why', async (t) => {
+  // tmpdir() is on the host's root filesystem here; /dev/shm is a tmpfs on Linux.
+  if (!existsSync('/dev/shm') || statSync('/dev/shm').dev === statSync(dir).dev) return t.skip('no second filesystem at /dev/shm');
+  saved();
+  const tpl = (await templates.find(image, size))!;
+  const inst = mkdtempSync('/dev/shm/mayfly-pin-test-');
+  try {
+    const p = pinTemplate(tpl, inst);
+    assert.match(p.copied ?? '', /on another filesystem than the template .* cannot be hard-linked; copied instead/);
+    assert.equal(readFileSync(p.disk, 'utf8'), 'disk');
+    assert.equal(readFileSync(p.state, 'utf8'), 'state');
+    // Copies, not links: removing the template leaves them whole.
+    templates.drop(tpl, 'test');
+    assert.equal(readFileSync(p.state, 'utf8'), 'state');
+    // The same filesystem still links (no copy, no reason given).
+    saved();
+    const same = pinTemplate((await templates.find(image, size))!, mkdtempSync(join(dir, 'vm-')));
+    assert.equal(same.copied, undefined);
+    assert.equal(statSync(same.disk).nlink, 2);
+  } finally {
+    rmSync(inst, { recursive: true, force: true });
+  }
 });
 
 test('a failed make is remembered for an hour (per image and emulator), so starts do not retry it each time', async () => {

@@ -1,8 +1,9 @@
 import type { Command } from 'commander';
 import { execJob } from '../../integrations/exec/run-job.ts';
 import { collectPairs, positiveInt, type ContextFactory } from '../main.ts';
-import { obtainJobMachine, startOption, type MachineChoice } from '../job-machine.ts';
+import { jobDiskOption, obtainJobMachine, startOption, type MachineChoice } from '../job-machine.ts';
 import { withSignals } from '../signals.ts';
+import { registerSecretsFromEnv } from '../../secrets.ts';
 
 export function registerExec(program: Command, context: ContextFactory): void {
   program
@@ -18,8 +19,10 @@ export function registerExec(program: Command, context: ContextFactory): void {
     .option('--pool <name>', 'take a ready machine from this mayflyd pool')
     .option('--no-daemon', 'boot a machine in this process even when mayflyd runs')
     .addOption(startOption())
+    .addOption(jobDiskOption())
     .action(async (job: string, o: MachineChoice & { file: string; var: Record<string, string> }) => {
       const ctx = context();
+      registerSecretsFromEnv(o.var);
       process.exitCode = await withSignals(ctx, (signal) =>
         execJob(
           ctx.engine(),

@@ -7,6 +7,7 @@ import { executorEnv } from '../../integrations/gitlab/executor-env.ts';
 import { gitlabCleanup, gitlabConfig, gitlabPrepare, gitlabRun, type ExecutorDeps } from '../../integrations/gitlab/executor.ts';
 import { runnerToml } from '../../integrations/gitlab/toml.ts';
 import { Machine } from '../../pool/index.ts';
+import { redactSecrets, registerSecretsFromEnv } from '../../secrets.ts';
 import type { Context } from '../context.ts';
 import { defaultDataDir } from '../context.ts';
 import type { ContextFactory } from '../main.ts';
@@ -18,14 +19,18 @@ function deps(ctx: Context): ExecutorDeps {
   // The job's variables (tokens, masked values in clear text) are read from a copy; QEMU and
   // the other programs mayfly starts, which inherit this process's environment, never see them.
   const env = { ...process.env };
+  // The job token (CI_JOB_TOKEN, and inside CI_REPOSITORY_URL), registry and deploy passwords
+  // and any variable named like a secret are cut out of every log line and state record.
+  registerSecretsFromEnv(env, 'CUSTOM_ENV_');
   for (const k of Object.keys(process.env)) if (k.startsWith('CUSTOM_ENV_') || k === 'JOB_RESPONSE_FILE') delete process.env[k];
   return {
     env,
     config: ctx.config,
     log: ctx.log,
     engine: () => ctx.engine(),
-    out: (s) => process.stdout.write(s),
-    err: (s) => process.stderr.write(s),
+    // mayfly's own lines in the job log; the job's output is passed on untouched (GitLab masks it).
+    out: (s) => process.stdout.write(redactSecrets(s)),
+    err: (s) => process.stderr.write(redactSecrets(s)),
   };
 }
 

@@ -2,13 +2,15 @@ import type { Command } from 'commander';
 import { ErrorCode, MayflyError } from '../../errors.ts';
 import { runCommand } from '../../integrations/local/run.ts';
 import { shellJoin } from '../../util/shell.ts';
-import { obtainJobMachine, startOption, type MachineChoice } from '../job-machine.ts';
+import { redactSecrets, registerSecret, registerSecretsFromEnv } from '../../secrets.ts';
+import { jobDiskOption, obtainJobMachine, startOption, type MachineChoice } from '../job-machine.ts';
 import { age, printList } from '../format.ts';
 import { collectPairs, positiveInt, type ContextFactory } from '../main.ts';
 import { withSignals } from '../signals.ts';
 
 interface RunOptions extends MachineChoice {
   env: Record<string, string>;
+  secretEnv: Record<string, string>;
   root?: boolean;
 }
 
@@ -21,21 +23,27 @@ export function registerMachines(program: Command, context: ContextFactory): voi
     .option('--cpus <n>', 'virtual CPUs', positiveInt('--cpus'))
     .option('--memory <MiB>', 'memory in MiB', positiveInt('--memory'))
     .option('--disk <GiB>', 'disk size in GiB (at least the image\'s)', positiveInt('--disk'))
-    .option('-e, --env <KEY=VALUE>', 'environment variable for the command (repeatable)', collectPairs, {})
+    .option('-e, --env <KEY=VALUE>', 'environment variable for the command (repeatable); values of names like *TOKEN*, *PASSWORD*, *SECRET*, *_KEY are kept out of logs', collectPairs, {})
+    .option('--secret-env <KEY=VALUE>', 'like -e, and the value is a secret: never in mayfly\'s logs, events or state (repeatable)', collectPairs, {})
     .option('--root', 'run as root instead of the ci user')
     .option('--keep', 'keep the machine afterwards and print how to reach it (never from a pool)')
     .option('--pool <name>', 'take a ready machine from this mayflyd pool')
     .option('--no-daemon', 'boot a machine in this process even when mayflyd runs')
     .addOption(startOption())
+    .addOption(jobDiskOption())
     .passThroughOptions()
     .action(async (command: string[], o: RunOptions) => {
       const ctx = context();
+      for (const v of Object.values(o.secretEnv)) registerSecret(v);
+      registerSecretsFromEnv(o.env);
+      const env = { ...o.env, ...o.secretEnv };
       process.exitCode = await withSignals(ctx, async (signal) => {
-        const machine = await obtainJobMachine(ctx, o, `run: ${shellJoin(command).slice(0, 60)}`, signal);
+        // The store and the daemon keep this label; a secret in the command line is cut out of it.
+        const machine = await obtainJobMachine(ctx, o, `run: ${redactSecrets(shellJoin(command)).slice(0, 60)}`, signal);
         process.stderr.write(`mayfly: machine ${machine.id} (${machine.image}) ${machine.origin}\n`);
         return runCommand(machine, {
           argv: command,
-          env: o.env,
+          env,
           asRoot: o.root,
           keep: o.keep,
           stdout: process.stdout,

@@ -35,6 +35,8 @@ const PROPAGATE_DIR = '/run/systemd/nspawn/propagate';
 
 export class NspawnDriver implements Driver {
   readonly name = 'nspawn';
+  // A container's root cannot mount (nspawn drops CAP_SYS_ADMIN); nspawn mounts it instead.
+  readonly mountsJobTmpfs = true;
   readonly #opts: NspawnDriverOptions;
 
   constructor(opts: NspawnDriverOptions) {
@@ -80,6 +82,7 @@ export class NspawnDriver implements Driver {
       '--as-pid2',
       '--console=pipe',
       ...(this.#opts.privateNetwork ? ['--private-network'] : []),
+      ...(spec.jobTmpfs === undefined ? [] : [`--tmpfs=/builds:${jobTmpfsOptions(root, spec.image.user, spec.jobTmpfs, spec.size.memoryMiB)}`]),
       '--',
       '/bin/sleep',
       'infinity',
@@ -199,6 +202,19 @@ export class NspawnDriver implements Driver {
     }
     return out;
   }
+}
+
+/**
+ * Mount options for the job's tmpfs: owned by the job user (looked up in the fresh clone, which
+ * no job has touched yet), sized in bytes (a percentage is of the container's memory, not the host's).
+ */
+export function jobTmpfsOptions(root: string, user: string, size: string, memoryMiB: number): string {
+  const entry = readFileSync(join(root, 'etc', 'passwd'), 'utf8').split('\n').find((l) => l.startsWith(`${user}:`));
+  const [, , uid, gid] = entry?.split(':') ?? [];
+  if (!uid || !gid) throw new MayflyError(ErrorCode.MACHINE_START_FAILED, `the image has no user '${user}' to own the job tmpfs`);
+  const pct = /^(\d+)%$/.exec(size);
+  const bytes = pct ? Math.floor((memoryMiB * 1024 * 1024 * Number(pct[1])) / 100) : size;
+  return `mode=0755,uid=${uid},gid=${gid},size=${bytes}`;
 }
 
 function readPid(dir: string): number | null {

@@ -1,4 +1,4 @@
-import { existsSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, ftruncateSync, openSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -25,6 +25,12 @@ export interface QemuDriverOptions {
 
 // Marks every QEMU mayfly starts, so `ps` and the reaper can tell ours from anyone else's.
 const nameTag = 'mayfly:';
+const jobScsi = 'jobscsi';
+/** The device set of a machine, for snapshot compatibility: a template made before a device was added cannot restore. */
+const machineDevices = 'q35 virtio-blk virtio-net virtio-rng virtio-scsi(job) virtio-serial(agent)';
+/** The file of an instance's job disk, and the serial the guest finds it by. */
+export const jobDiskFile = 'job-disk.raw';
+export const jobDiskSerial = 'mayfly-job';
 
 /** A free loopback TCP port. Another process may take it before QEMU does; start() retries then. */
 async function freePort(): Promise<number> {
@@ -101,6 +107,10 @@ export class QemuDriver implements Driver {
         '-netdev', `user,id=n0,hostfwd=tcp:127.0.0.1:${port}-:22`,
         '-device', 'virtio-net-pci,netdev=n0',
         '-device', 'virtio-rng-pci',
+        // An empty SCSI controller that a job disk is hot-plugged into (attachJobDisk). Present in
+        // every machine so that a template and its clones have the same devices; SCSI hotplug
+        // needs no PCIe hotplug slot in the guest.
+        '-device', `virtio-scsi-pci,id=${jobScsi}`,
         ...identityArgs,
         ...agentArgs,
         ...(spec.restore ? ['-incoming', 'defer'] : []),
@@ -147,7 +157,7 @@ export class QemuDriver implements Driver {
       setting: this.opts.accel, qemu: this.opts.binary, kernel: image.kernelPath, initrd: image.initrdPath, cacheFile: this.opts.accelCacheFile, log: silentLogger,
     });
     // (The TCG cache size is not part of the saved state: machines with another one restore fine.)
-    return { qemu: v.stdout.split('\n')[0]!.trim(), accel: accel.accel };
+    return { qemu: v.stdout.split('\n')[0]!.trim(), accel: accel.accel, devices: machineDevices };
   }
 
   /** Loads the saved state into a QEMU started with -incoming defer, resumes it, and gives the guest its identity. */
@@ -195,6 +205,37 @@ export class QemuDriver implements Driver {
     }
     for (let i = 0; i < 100 && processAlive(pid); i++) await sleep(50);
     await this.stop(pid, dir);
+  }
+
+  /**
+   * A second disk for the job's data, hot-plugged into the running machine (booted or restored
+   * alike: a restored clone must start with exactly its template's devices). A sparse raw file
+   * in the instance dir, removed with it; what the guest writes there is encrypted by the guest.
+   */
+  async attachJobDisk(dir: string, sizeBytes: number): Promise<{ serial: string }> {
+    const file = join(dir, jobDiskFile);
+    const fd = openSync(file, 'wx', 0o600);
+    try {
+      ftruncateSync(fd, sizeBytes);
+    } finally {
+      closeSync(fd);
+    }
+    const qmp = await Qmp.connect(join(dir, 'qmp.sock'));
+    try {
+      await qmp.command('blockdev-add', {
+        // Like the root disk (cache=unsafe): the data must not survive the machine anyway.
+        'node-name': 'jobdisk', driver: 'raw', discard: 'unmap', cache: { direct: false, 'no-flush': true },
+        file: { driver: 'file', filename: file },
+      });
+      await qmp.command('device_add', { driver: 'scsi-hd', bus: `${jobScsi}.0`, drive: 'jobdisk', id: 'jobdisk', serial: jobDiskSerial });
+    } catch (e) {
+      throw new MayflyError(ErrorCode.MACHINE_START_FAILED, `adding the job disk to the machine failed: ${(e as Error).message}`, {
+        hint: 'machines started by an older mayfly have no job disk controller: destroy them (mayfly rm) and start new ones',
+      });
+    } finally {
+      qmp.close();
+    }
+    return { serial: jobDiskSerial };
   }
 
   /** The clone's identity, handed to the guest at boot (fw_cfg for mayfly images, a NoCloud seed for imported ones). */

@@ -10,6 +10,7 @@ import { isValidEnvName, shellQuote } from '../../util/shell.ts';
 import type { JobMachine } from '../job-machine.ts';
 import { workspace } from '../local/run.ts';
 import { parseCiFile, resolveJob, type CiJob } from './gitlab-ci.ts';
+import { registerSecretsFromEnv } from '../../secrets.ts';
 import { expandVariables, refSlug } from './variables.ts';
 
 // `mayfly exec JOB`: one job of a .gitlab-ci.yml, run locally in a fresh machine with a copy
@@ -157,6 +158,8 @@ export async function execJob(
 
   const imageRef = pickImage(engine, p.job.image, req.image, say);
   const vars = expandVariables({ ...p.job.variables, ...req.vars }, predefinedVariables(p, imageRef));
+  // Variables named like secrets (…_TOKEN, …_PASSWORD, …) never reach mayfly's log or state.
+  registerSecretsFromEnv(vars);
   const mainScript = jobScript(vars, [...p.job.beforeScript, ...p.job.script], true); // validates names before a boot
   say(`job "${p.job.name}" (stage ${p.stage}) from ${p.job.file} in a fresh ${imageRef} machine`);
 
@@ -187,9 +190,12 @@ async function runStep(
   script: string,
   out: { stdout: (c: Buffer) => void; stderr: (c: Buffer) => void; signal?: AbortSignal },
 ): Promise<number> {
-  const path = `/tmp/mayfly-${name}.sh`;
-  // cat takes the script from stdin up to its end; bash then runs it with that (empty) stdin.
-  const argv = ['sh', '-c', 'umask 077 && cat > "$1" && exec bash "$1"', 'sh', path];
+  // The script holds the job's variables, secrets included: it goes to the guest's RAM
+  // (/dev/shm, else /tmp), 0600, and its name is removed before bash runs it (bash reads it
+  // through the open descriptor), so it never reaches the machine's disk, even with job_disk =
+  // "plain". cat takes the script from stdin up to its end; bash then runs it with that (empty) stdin.
+  const wrapper = `umask 077 && d=/dev/shm && { [ -d "$d" ] && [ -w "$d" ] || d=/tmp; } && f=$(mktemp "$d/.mayfly-$1.XXXXXX") && cat > "$f" && exec 3< "$f" && rm -f "$f" && exec bash /dev/fd/3`;
+  const argv = ['sh', '-c', wrapper, 'sh', name];
   return (await machine.exec(argv, { ...out, stdin: Buffer.from(script) })).exitCode;
 }
 
