@@ -151,6 +151,9 @@ export class NsenterChannel implements GuestChannel {
       LOGNAME: a.name,
       SHELL: a.shell,
       PATH: a.uid === 0 ? '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' : '/usr/local/bin:/usr/bin:/bin:/usr/games',
+      // The command travels in the environment, not the argv: any host user can read a
+      // process's command line (/proc/PID/cmdline), and commands carry job secrets.
+      MAYFLY_COMMAND: command,
     };
     const child = spawn(
       '/bin/sh',
@@ -161,7 +164,7 @@ export class NsenterChannel implements GuestChannel {
         nsenter(),
         '-t', String(this.#target.leaderPid), '-a',
         ...become,
-        shell, '-c', `cd ~ 2>/dev/null; ${command}`,
+        shell, '-c', 'cd ~ 2>/dev/null; c=$MAYFLY_COMMAND; unset MAYFLY_COMMAND; eval "$c"',
       ],
       // Its own process group: cancelling kills the command and what it started, not mayfly.
       { env, detached: true, stdio: ['pipe', 'pipe', 'pipe'] },
