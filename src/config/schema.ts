@@ -15,6 +15,12 @@ export const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'silent'] 
 export const START_MODES = ['restore', 'boot'] as const;
 /** `storage.backend`: the directory clone backends (src/storage/detect.ts), fastest first, or auto. */
 export const STORAGE_BACKENDS = ['auto', 'btrfs-snapshot', 'reflink', 'overlayfs', 'copy'] as const;
+/** How a machine is networked: QEMU user-mode (slirp, no host setup) or a TAP on mayfly's bridge. */
+export const NETWORK_MODES = ['user', 'bridged'] as const;
+
+// An IPv4 network; whether host bits are set is checked where it is used (src/network).
+const ipv4Cidr = z.string().regex(/^\d{1,3}(\.\d{1,3}){3}(\/\d{1,2})?$/, 'must be an IPv4 network such as "10.77.0.0/24" (or one address)');
+const ipv4Addr = z.string().regex(/^\d{1,3}(\.\d{1,3}){3}$/, 'must be an IPv4 address');
 
 const imageName = z.string().regex(IMAGE_NAME, {
   error: 'must be an image name: 1 to 63 characters of a-z, 0-9, ".", "_" or "-", starting with a letter or digit',
@@ -74,6 +80,10 @@ const poolSchema = z.strictObject({
   max_runtime: duration.default(0),
   /** restore | boot; default: [images] start for the image, else [defaults] start. */
   start: z.enum(START_MODES).optional(),
+  /** user | bridged; default: [defaults] network. */
+  network: z.enum(NETWORK_MODES).optional(),
+  /** Bridged only: the networks this pool's machines may reach (DNS and [network] host_ports stay reachable). Absent: anything not blocked. */
+  egress_allow: z.array(ipv4Cidr).optional(),
   period: z.array(periodSchema).default([]),
 });
 
@@ -94,6 +104,20 @@ export const configSections = {
     memory: int(128, 262144, 1024), // MiB
     disk: int(1, 2048, 4), // GiB
     start: z.enum(START_MODES).default('restore'),
+    network: z.enum(NETWORK_MODES).default('user'),
+  }),
+  /** Bridged networking (opt-in per pool, in [defaults] or with --network bridged). */
+  network: section({
+    /** The bridge mayfly creates and owns; its nftables tables have the same name. */
+    bridge: z.string().regex(/^[a-z][a-z0-9]{0,14}$/, 'must be 1 to 15 lower-case letters or digits, starting with a letter (it names the bridge and the nftables tables)').default('mayfly0'),
+    /** Instances' addresses; the bridge takes the first one. Must not overlap a route of the host. */
+    subnet: ipv4Cidr.default('10.77.0.0/24'),
+    /** DNS servers handed to instances; empty: the host's (non-loopback) ones from /etc/resolv.conf. */
+    dns: z.array(ipv4Addr).default([]),
+    /** TCP ports on the host that instances may connect to (e.g. a cache proxy); every other one is dropped. */
+    host_ports: z.array(z.int().min(1).max(65535)).default([]),
+    /** Networks instances may reach although private, link-local or otherwise blocked. */
+    allow: z.array(ipv4Cidr).default([]),
   }),
   qemu: section({
     binary: z.string().min(1).default('qemu-system-x86_64'),

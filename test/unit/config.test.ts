@@ -20,11 +20,12 @@ function writeFile(name: string, text: string): string {
 }
 
 const DEFAULTS: Config = {
-  defaults: { image: 'debian-12', cpus: 2, memory: 1024, disk: 4, start: 'restore' },
+  defaults: { image: 'debian-12', cpus: 2, memory: 1024, disk: 4, start: 'restore', network: 'user' },
   qemu: { binary: 'qemu-system-x86_64', accel: 'auto', boot_timeout: 120, boot_retries: 1, tcg_tb_size: 64 },
   images: { recipe_dirs: [], keep_versions: 3, start: {} },
   log: { level: 'info' },
   storage: { backend: 'auto' },
+  network: { bridge: 'mayfly0', subnet: '10.77.0.0/24', dns: [], host_ports: [], allow: [] },
   sizes: {},
   capacity: { cpu_overcommit: 4, memory_overcommit: 1, memory_reserve: 1024 },
   daemon: {
@@ -149,7 +150,7 @@ describe('config validation messages', () => {
   test('unknown table header at top level', () => {
     assert.equal(
       check('[log]\nlevel = "info"\n\n[server]\nport = 1\n'),
-      "c.toml:4: server: unknown key 'server' (valid keys here: defaults, qemu, images, log, storage, sizes, capacity, daemon, pool, gitlab)",
+      "c.toml:4: server: unknown key 'server' (valid keys here: defaults, network, qemu, images, log, storage, sizes, capacity, daemon, pool, gitlab)",
     );
   });
 
