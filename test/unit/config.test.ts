@@ -98,7 +98,7 @@ level = "debug"
     );
     assert.deepEqual(loadConfig(path), {
       ...DEFAULTS,
-      defaults: { image: 'alpine-3.20', cpus: 8, memory: 1024, disk: 4, start: 'restore' },
+      defaults: { image: 'alpine-3.20', cpus: 8, memory: 1024, disk: 4, start: 'restore', network: 'user' },
       qemu: { binary: 'qemu-system-x86_64', accel: 'tcg', boot_timeout: 300, boot_retries: 1, tcg_tb_size: 64 },
       images: { recipe_dirs: ['/srv/recipes', '/opt/more'], keep_versions: 3, start: {} },
       log: { level: 'debug' },
