@@ -2,6 +2,7 @@ import { Option } from 'commander';
 import { DaemonClient } from '../daemon/client.ts';
 import type { MachineSize } from '../drivers/index.ts';
 import type { StartMode } from '../pool/index.ts';
+import type { NetworkMode } from '../network/index.ts';
 import { ErrorCode, MayflyError } from '../errors.ts';
 import { bootJobMachine, leaseJobMachine, type JobMachine } from '../integrations/job-machine.ts';
 import type { Context } from './context.ts';
@@ -18,6 +19,12 @@ export interface MachineChoice {
   keep?: boolean;
   /** restore | boot, for a machine this process starts (pool machines start as their pool says). */
   start?: StartMode;
+  /** user | bridged, for a machine this process starts (pool machines are networked as their pool says). */
+  network?: NetworkMode;
+}
+
+export function networkOption(): Option {
+  return new Option('--network <mode>', 'user (QEMU user-mode networking) or bridged (a TAP on mayfly\'s bridge, nftables isolation); default from the config; a machine started here, not from a pool').choices(['user', 'bridged']);
 }
 
 export function startOption(): Option {
@@ -30,7 +37,13 @@ export function startOption(): Option {
  */
 export async function obtainJobMachine(ctx: Context, o: MachineChoice, owner: string, signal: AbortSignal): Promise<JobMachine> {
   const size: Partial<MachineSize> = { cpus: o.cpus, memoryMiB: o.memory, diskGiB: o.disk };
-  const client = o.daemon && !o.keep ? await DaemonClient.find(ctx.config.daemon.socket) : undefined;
+  if (o.pool && o.network) {
+    throw new MayflyError(ErrorCode.USAGE, `--network and --pool do not go together: pool ${o.pool}'s machines are networked as its config says`, {
+      hint: 'drop --network, or drop --pool to start a machine here',
+    });
+  }
+  // An explicit network asks for a machine started here: pools are networked by their config.
+  const client = o.daemon && !o.keep && !o.network ? await DaemonClient.find(ctx.config.daemon.socket) : undefined;
   if (o.pool && !client) {
     throw new MayflyError(ErrorCode.DAEMON, `--pool ${o.pool} needs mayflyd, and none answers on ${ctx.config.daemon.socket}`, {
       hint: 'start it with: mayfly daemon (or systemctl start mayflyd)',
@@ -47,5 +60,5 @@ export async function obtainJobMachine(ctx: Context, o: MachineChoice, owner: st
       ctx.log.info('no mayflyd pool serves this image and size; booting a machine here');
     }
   }
-  return bootJobMachine(ctx.engine(), { image: o.image, size, owner, signal, start: o.start });
+  return bootJobMachine(ctx.engine(), { image: o.image, size, owner, signal, start: o.start, network: o.network });
 }

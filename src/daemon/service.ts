@@ -8,7 +8,6 @@ import type { Logger } from '../log.ts';
 import { Engine, Machine } from '../pool/index.ts';
 import { poolSpecs } from '../pool/policy.ts';
 import { PoolManager, type CapacityGuard, type PoolEvent } from '../pool/pool.ts';
-import { reap } from '../pool/reaper.ts';
 import { hostLimits } from '../pool/sizes.ts';
 import type { EventRecord } from '../state/index.ts';
 import { holderAlive } from '../util/proc.ts';
@@ -72,13 +71,16 @@ export class Daemon {
       capacity: capacityGuard(opts.config),
       create: (spec, signal) => {
         const image = engine.images.resolve(spec.image);
+        const pool = opts.config.pool.find((p) => p.name === spec.name);
         return engine.createMachine({
           image,
           size: spec.size,
           owner: `pool ${spec.name}: idle`,
           pool: spec.name,
           signal,
-          start: opts.config.pool.find((p) => p.name === spec.name)?.start,
+          start: pool?.start,
+          network: pool?.network,
+          egressAllow: pool?.egress_allow,
         });
       },
       onEvent: (e) => this.#record(e),
@@ -144,7 +146,7 @@ export class Daemon {
     if (this.#reaping) return;
     this.#reaping = true;
     try {
-      const r = await reap({ state: this.engine.state, driver: this.engine.driver, instancesDir: this.engine.instancesDir, log: this.log });
+      const r = await this.engine.reap(this.log);
       for (const x of r.removed) {
         this.metrics.reaped.inc();
         this.#record({ type: 'reaped', at: Date.now(), pool: '', instance: x.id, data: { why: x.why } });

@@ -20,6 +20,20 @@ export interface MachineIdentity {
   authorizedKey: string;
 }
 
+/**
+ * A bridged network attachment (src/network) as a driver needs it: the host interface to use,
+ * and the static configuration the guest must apply. Absent: user-mode networking.
+ */
+export interface GuestNetwork {
+  /** The TAP on the bridge (QEMU) or the veth's host end (containers). */
+  hostIf: string;
+  mac: string;
+  address: string;
+  prefixLength: number;
+  gateway: string;
+  dns: string[];
+}
+
 export interface StartSpec {
   id: string;
   /** The instance's own directory: clone, console log, sockets, keys; removed on destroy. */
@@ -35,6 +49,8 @@ export interface StartSpec {
    * disk, `stateFile` its memory state. The driver hands the guest its new identity at once.
    */
   restore?: { stateFile: string };
+  /** Bridged networking; user-mode networking when absent. */
+  network?: GuestNetwork;
 }
 
 export interface StartedMachine {

@@ -5,6 +5,7 @@ import { ErrorCode, MayflyError } from '../errors.ts';
 import { customSizeLabel } from '../pool/sizes.ts';
 import type { ExecResult } from '../guest/index.ts';
 import type { AttachedMachine, Engine, Lease, StartMode } from '../pool/index.ts';
+import type { NetworkMode } from '../network/index.ts';
 
 // What an integration needs from a machine for one job, whether it was booted in this
 // process or leased from mayflyd's warm pool: run commands (with input, output and
@@ -41,11 +42,12 @@ export interface JobMachineRequest {
   owner: string;
   signal?: AbortSignal;
   start?: StartMode;
+  network?: NetworkMode;
 }
 
 /** A fresh machine started by this process. */
 export async function bootJobMachine(engine: Engine, req: JobMachineRequest): Promise<JobMachine> {
-  return localJobMachine(await engine.lease({ image: req.image, size: req.size, owner: req.owner, signal: req.signal, start: req.start }));
+  return localJobMachine(await engine.lease({ image: req.image, size: req.size, owner: req.owner, signal: req.signal, start: req.start, network: req.network }));
 }
 
 /** A machine this process holds through an engine lease. */

@@ -83,7 +83,12 @@ export function networkSettings(config: Config): NetworkSettings {
   }
   n.allow.forEach((a, i) => check(`network.allow[${i}]`, a));
   n.dns.forEach((a, i) => check(`network.dns[${i}]`, a));
-  config.pool.forEach((p, i) => p.egress_allow?.forEach((a, j) => check(`pool[${i}] (${p.name}).egress_allow[${j}]`, a)));
+  config.pool.forEach((p, i) => {
+    p.egress_allow?.forEach((a, j) => check(`pool[${i}] (${p.name}).egress_allow[${j}]`, a));
+    if (p.egress_allow && (p.network ?? config.defaults.network) !== 'bridged') {
+      problems.push(`pool[${i}] (${p.name}).egress_allow: only bridged machines have an egress allowlist; set network = "bridged" in this pool`);
+    }
+  });
   if (problems.length > 0 || !subnet) {
     throw new MayflyError(ErrorCode.CONFIG_INVALID, problems.join('\n'), { hint: 'write networks as A.B.C.D/N with the host bits zero, e.g. "10.77.0.0/24"' });
   }

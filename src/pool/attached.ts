@@ -51,8 +51,9 @@ export function attachInstance(
           return this.channel(user);
         });
       }
-      // The QEMU driver forwards the guest's SSH port on the host's loopback.
-      const p = GuestChannel.connectOnce({ host: '127.0.0.1', port: rec.sshPort!, user, privateKey, hostKey }, 20_000);
+      // User-mode networking forwards the guest's SSH port on the host's loopback; a bridged
+      // guest is reached at its own address.
+      const p = GuestChannel.connectOnce({ host: rec.sshHost ?? '127.0.0.1', port: rec.sshPort!, user, privateKey, hostKey }, 20_000);
       channels.set(user, p);
       p.catch(() => channels.delete(user));
       return p;

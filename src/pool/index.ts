@@ -5,11 +5,12 @@ import type { START_MODES } from '../config/schema.ts';
 import { ErrorCode, MayflyError, errorText } from '../errors.ts';
 import { ImageStore, type Image } from '../images/store.ts';
 import type { Logger } from '../log.ts';
+import { BridgedNetwork, networkSettings, type NetworkMode } from '../network/index.ts';
 import { openStateStore, type InstanceRecord, type StateStore } from '../state/index.ts';
 import { qcow2Overlay, type StorageBackend } from '../storage/index.ts';
 import { attachInstance, type AttachedMachine } from './attached.ts';
-import { Machine, type MachineDeps } from './machine.ts';
-import { removeInstance } from './reaper.ts';
+import { Machine, type MachineDeps, type MachineNetworkRequest } from './machine.ts';
+import { reap, removeInstance, type ReapResult } from './reaper.ts';
 import { checkSize, hostLimits } from './sizes.ts';
 import { Templates, type Template } from './templates.ts';
 
@@ -30,6 +31,8 @@ export interface LeaseRequest {
   signal?: AbortSignal;
   /** restore | boot; default from the config. */
   start?: StartMode;
+  /** user | bridged; default from the config ([defaults] network). */
+  network?: NetworkMode;
 }
 
 export interface Lease {
@@ -46,6 +49,8 @@ export class Engine {
   readonly driver: Driver;
   readonly storage: StorageBackend;
   readonly templates: Templates;
+  /** Bridged networking; touches the host only when a machine is started bridged. */
+  readonly network: BridgedNetwork;
 
   constructor(opts: { dataDir: string; config: Config; log: Logger }) {
     if (opts.dataDir.includes(',')) {
@@ -66,6 +71,8 @@ export class Engine {
       accelCacheFile: join(opts.dataDir, 'host', 'accel.json'),
     });
     this.storage = qcow2Overlay;
+    // Checked now, so that a bad [network] section fails before anything starts.
+    this.network = new BridgedNetwork({ dataDir: opts.dataDir, settings: networkSettings(opts.config), log: opts.log });
     this.templates = new Templates(this.machineDeps());
   }
 
@@ -89,6 +96,7 @@ export class Engine {
       log: this.log,
       bootTimeoutMs: this.config.qemu.boot_timeout * 1000,
       bootRetries: this.config.qemu.boot_retries,
+      network: this.network,
     };
   }
 
@@ -99,7 +107,7 @@ export class Engine {
       { image: `${image.name}:${image.version}`, cpus: size.cpus, memory: size.memoryMiB, disk: size.diskGiB },
       'starting a fresh machine',
     );
-    const machine = await this.createMachine({ image, size, owner: req.owner, signal: req.signal, start: req.start });
+    const machine = await this.createMachine({ image, size, owner: req.owner, signal: req.signal, start: req.start, network: req.network });
     try {
       machine.setOwner(req.owner);
     } catch (e) {
@@ -118,8 +126,19 @@ export class Engine {
    * A new machine, restored from the image's snapshot template (made now if there is none)
    * when the start mode says so and the image can be restored, else booted.
    */
-  async createMachine(req: { image: Image; size: MachineSize; owner: string; pool?: string; signal?: AbortSignal; start?: StartMode }): Promise<Machine> {
+  async createMachine(req: {
+    image: Image;
+    size: MachineSize;
+    owner: string;
+    pool?: string;
+    signal?: AbortSignal;
+    start?: StartMode;
+    network?: NetworkMode;
+    egressAllow?: string[];
+  }): Promise<Machine> {
     const mode = req.start ?? this.startMode(req.image);
+    const netMode = req.network ?? this.config.defaults.network;
+    const network: MachineNetworkRequest | undefined = netMode === 'bridged' ? { mode: netMode, egressAllow: req.egressAllow } : undefined;
     let template: Template | undefined;
     if (mode === 'restore' && this.templates.canSnapshot(req.image)) {
       try {
@@ -134,7 +153,13 @@ export class Engine {
     return Machine.create(this.machineDeps(), {
       image: req.image, size: req.size, owner: req.owner, pool: req.pool, signal: req.signal, template,
       onRestoreFailed: (t, why) => this.templates.drop(t, why),
+      network,
     });
+  }
+
+  /** Removes what no live mayfly process, kept machine or job explains (see reaper.ts). */
+  reap(log: Logger = this.log): Promise<ReapResult> {
+    return reap({ state: this.state, driver: this.driver, instancesDir: this.instancesDir, log, network: this.network });
   }
 
   /** Instances in the state store, each with whether its process still runs. */

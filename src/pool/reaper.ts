@@ -3,12 +3,14 @@ import { join } from 'node:path';
 import type { Driver } from '../drivers/types.ts';
 import { errorText } from '../errors.ts';
 import type { Logger } from '../log.ts';
+import type { BridgedNetwork } from '../network/index.ts';
 import type { StateStore } from '../state/index.ts';
 import { holderAlive } from '../util/proc.ts';
 import { Machine } from './machine.ts';
 
 // The reaper: compares what exists on the host (machine processes, instance dirs with clones,
-// keys, sockets, console logs) with the state store, and removes whatever nothing explains.
+// keys, sockets, console logs, bridge ports and their nftables rules) with the state store, and
+// removes whatever nothing explains.
 // A machine is explained while this process manages it, while another live mayfly process
 // does (a `mayfly run` next to the daemon), while a job record holds it (GitLab's stages are
 // separate processes) and has not expired, or when a user kept it (`run --keep`).
@@ -19,13 +21,19 @@ export interface ReapResult {
 }
 
 /** Stops an instance's process and removes its files and record: the way out for anything no Machine object holds. */
-export async function removeInstance(deps: { state: StateStore; driver: Driver }, id: string, pid: number | null, dir: string): Promise<void> {
+export async function removeInstance(
+  deps: { state: StateStore; driver: Driver; network?: BridgedNetwork },
+  id: string,
+  pid: number | null,
+  dir: string,
+): Promise<void> {
   await deps.driver.stop(pid, dir);
+  await deps.network?.detachInstance(id);
   rmSync(dir, { recursive: true, force: true });
   deps.state.deleteInstance(id);
 }
 
-export async function reap(deps: { state: StateStore; driver: Driver; instancesDir: string; log: Logger }): Promise<ReapResult> {
+export async function reap(deps: { state: StateStore; driver: Driver; instancesDir: string; log: Logger; network?: BridgedNetwork }): Promise<ReapResult> {
   const { state, driver, instancesDir, log } = deps;
   const removed: ReapResult['removed'] = [];
   const remove = async (id: string, pid: number | null, dir: string, why: string) => {
@@ -67,6 +75,16 @@ export async function reap(deps: { state: StateStore; driver: Driver; instancesD
     for (const id of readdirSync(instancesDir)) {
       if (state.getInstance(id) || explained(id)) continue;
       await remove(id, null, join(instancesDir, id), 'files with no record');
+    }
+  }
+  // Bridge ports and rules whose instance has no record any more (a process killed between
+  // removing the machine and its port, or before recording it).
+  if (deps.network) {
+    try {
+      const ports = await deps.network.reap((id) => Machine.liveIds().has(id) || state.getInstance(id) !== undefined);
+      for (const p of ports) removed.push({ id: p.id, why: `network port ${p.hostIf} with no record` });
+    } catch (e) {
+      log.error({ err: errorText(e) }, 'reaping network ports failed');
     }
   }
   // Records of jobs that ran past their expiry and whose machine is gone: a runner that crashed

@@ -1,7 +1,7 @@
 import type { Command } from 'commander';
 import { execJob } from '../../integrations/exec/run-job.ts';
 import { collectPairs, positiveInt, type ContextFactory } from '../main.ts';
-import { obtainJobMachine, startOption, type MachineChoice } from '../job-machine.ts';
+import { networkOption, obtainJobMachine, startOption, type MachineChoice } from '../job-machine.ts';
 import { withSignals } from '../signals.ts';
 
 export function registerExec(program: Command, context: ContextFactory): void {
@@ -18,6 +18,7 @@ export function registerExec(program: Command, context: ContextFactory): void {
     .option('--pool <name>', 'take a ready machine from this mayflyd pool')
     .option('--no-daemon', 'boot a machine in this process even when mayflyd runs')
     .addOption(startOption())
+    .addOption(networkOption())
     .action(async (job: string, o: MachineChoice & { file: string; var: Record<string, string> }) => {
       const ctx = context();
       process.exitCode = await withSignals(ctx, (signal) =>
