@@ -111,6 +111,10 @@ export class QemuDriver implements Driver {
         // devices, so the NIC keeps QEMU's default MAC and the guest sets its own (bridged).
         '-netdev', netdev,
         '-device', 'virtio-net-pci,netdev=n0',
+        // Templates are saved with user-mode networking, whose state is a section of the saved
+        // state that QEMU refuses to load without a slirp to take it: a bridged clone gets one,
+        // connected to nothing and restricted.
+        ...(spec.network && spec.restore ? ['-netdev', 'user,id=template-slirp,restrict=on'] : []),
         '-device', 'virtio-rng-pci',
         ...identityArgs,
         ...agentArgs,
