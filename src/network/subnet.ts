@@ -29,9 +29,9 @@ function mask(prefix: number): number {
 export function parseCidr(text: string, strict = true): Cidr {
   const [addr, len, ...rest] = text.trim().split('/');
   if (rest.length > 0 || addr === undefined) throw new Error(`'${text}' is not an IPv4 network (A.B.C.D/N)`);
+  const ip = ipToInt(addr);
   const prefix = len === undefined ? 32 : Number(len);
   if (!/^\d{1,2}$/.test(len ?? '32') || prefix > 32) throw new Error(`'${text}' has a bad prefix length (0 to 32)`);
-  const ip = ipToInt(addr);
   const base = (ip & mask(prefix)) >>> 0;
   if (strict && base !== ip) throw new Error(`'${text}' has host bits set; the network is ${intToIp(base)}/${prefix}`);
   return { base, prefix };
