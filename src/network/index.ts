@@ -132,6 +132,10 @@ export class BridgedNetwork implements InstanceNetwork {
         });
       }
       const dns = this.settings.dns.length > 0 ? this.settings.dns : hostNameservers();
+      if (dns.length === 0) {
+        // A host behind a local resolver (127.0.0.53) has none an instance could reach.
+        this.#log.warn({ instance: req.id }, 'bridged instances get no DNS server: /etc/resolv.conf names only loopback ones; set [network] dns');
+      }
       const suffix = req.id.slice(req.id.lastIndexOf('-') + 1).slice(0, 11);
       const rec: PortRecord = {
         id: req.id,
