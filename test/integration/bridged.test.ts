@@ -3,7 +3,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { collect, ensureImage, instanceDirs, mayflyBin, processesMentioning, testDataDir, waitFor, type CliResult } from '../helpers/env.ts';
+import { collect, ensureImage, instanceDirs, mayflyBin, processesMentioning, projectRoot, testDataDir, waitFor, type CliResult } from '../helpers/env.ts';
 
 // Bridged networking end to end, entirely inside network namespaces this test creates: a "host"
 // namespace where mayfly runs (its bridge and nftables tables live there) and an "uplink"
@@ -108,6 +108,9 @@ describe('bridged networking', { timeout: 900_000, skip: hasTools ? false : 'nee
     assert.equal(ps[0]!.sshPort, 22);
     // The host reaches the peer's sshd: what the instance is refused below is the rules' doing.
     assert.match(inHost('timeout', '5', 'bash', '-c', `exec 3<>/dev/tcp/${peerIp}/22; head -c 4 <&3`), /^SSH-/);
+    // Another process finds it from the state store's record (as GitLab's later stages do).
+    const attached = inHost(process.execPath, join(projectRoot, 'test/helpers/attach-exec.ts'), testDataDir(), ps[0]!.id, 'hostname');
+    assert.equal(attached, `${ps[0]!.id}\n`);
 
     // The instance under test is restored from the snapshot template (the default start).
     const probe = (name: string, url: string) =>
@@ -149,6 +152,33 @@ describe('bridged networking', { timeout: 900_000, skip: hasTools ? false : 'nee
     assert.equal(reap.code, 0, reap.stderr);
     assert.match(reap.stdout, /vm-[a-z2-7]+: removed/);
     await waitFor(() => processesMentioning(join(testDataDir(), 'instances')).length === 0, 20_000, 'the machine process to end');
+    assertNothingLeft();
+  });
+
+  test('a bridged mayflyd pool: leased machines have their own address; shutdown leaves no port behind', async () => {
+    const socket = join(cfgDir, 'mayfly.sock');
+    const daemonConfig = join(cfgDir, 'daemon.toml');
+    writeFileSync(daemonConfig, [
+      `[network]\nbridge = "${BRIDGE}"\ndns = ["${UPLINK_IP}"]\nhost_ports = [8081]`,
+      `[daemon]\nsocket = "${socket}"\nreconcile_interval = 1`,
+      '[[pool]]\nname = "bridged"\nimage = "debian-12"\nsize = "2cpu1024mb4gb"\nidle_count = 1\nmax_instances = 2\nnetwork = "bridged"',
+    ].join('\n') + '\n');
+    const withConfig = (args: string[]) => spawn('ip', ['netns', 'exec', HOST, mayflyBin, '--data-dir', testDataDir(), '--config', daemonConfig, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const daemon = withConfig(['daemon']);
+    let log = '';
+    daemon.stderr!.on('data', (c: Buffer) => (log += c.toString()));
+    daemon.stdout!.on('data', (c: Buffer) => (log += c.toString()));
+    const exited = collect(daemon);
+    try {
+      await waitFor(() => /"idle": 1\b/.test(spawnSync('ip', ['netns', 'exec', HOST, mayflyBin, '--data-dir', testDataDir(), '--config', daemonConfig, 'pool', 'ls', '--json'], { encoding: 'utf8' }).stdout), 180_000, `an idle bridged machine; daemon log:\n${log}`);
+      const r = await collect(withConfig(['run', '--pool', 'bridged', '--', 'bash', '-c', `ip -4 -br addr show eth0; curl -s --max-time 5 http://${UPLINK_IP}:8080/`]));
+      assert.equal(r.code, 0, r.stderr);
+      assert.match(r.stderr, /from pool bridged/);
+      assert.match(r.stdout, /eth0 +UP +10\.77\.0\.\d+\/24[\s\S]*from the uplink/);
+    } finally {
+      daemon.kill('SIGTERM');
+      await exited;
+    }
     assertNothingLeft();
   });
 
