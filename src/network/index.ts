@@ -212,7 +212,7 @@ export class BridgedNetwork implements InstanceNetwork {
     await this.#locked(async () => {
       const records = this.#records();
       if (records.length > 0) {
-        throw new MayflyError(ErrorCode.NETWORK, `${records.length} instances are still attached to ${this.settings.bridge} (${records.map((r) => r.id).join(', ')})`, {
+        throw new MayflyError(ErrorCode.NETWORK, `${records.length === 1 ? '1 instance is' : `${records.length} instances are`} still attached to ${this.settings.bridge} (${records.map((r) => r.id).join(', ')})`, {
           hint: 'remove them first (mayfly rm), then try again',
         });
       }

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { collect, ensureImage, instanceDirs, mayflyBin, processesMentioning, projectRoot, testDataDir, waitFor, type CliResult } from '../helpers/env.ts';
@@ -50,7 +50,8 @@ describe('bridged networking', { timeout: 900_000, skip: hasTools ? false : 'nee
     assert.equal(inHost('ip', '-o', 'link', 'show', 'type', 'tun').trim(), '', 'no TAP is left');
     const rules = inHost('nft', 'list', 'ruleset');
     assert.doesNotMatch(rules, /comment "vm-/, `no rule or set element names an instance:\n${rules}`);
-    assert.deepEqual(readdirSync(join(testDataDir(), 'network', 'ports')), [], 'no address is held');
+    const ports = join(testDataDir(), 'network', 'ports');
+    assert.deepEqual(existsSync(ports) ? readdirSync(ports) : [], [], 'no address is held');
   }
 
   function assertNothingLeft(): void {
@@ -190,5 +191,21 @@ describe('bridged networking', { timeout: 900_000, skip: hasTools ? false : 'nee
     assert.match(r.stderr, /network\.subnet 198\.51\.100\.0\/25 overlaps the host's route to 198\.51\.100\.0\/24 \(dev mfbh0\)/);
     assert.match(r.stderr, /choose a subnet that no network of this host uses/);
     assertNothingLeft();
+  });
+
+  test('network-down is refused while an instance is attached, then removes the bridge and both tables, and nothing else', async () => {
+    // An attachment without a VM (the container path), so this test also runs alone.
+    const api = (...args: string[]) => inHost(process.execPath, join(projectRoot, 'test/helpers/net-attach.ts'), testDataDir(), UPLINK_IP, ...args);
+    assert.match(api('attach', 'ct-downtestaa', 'veth'), /"address":"10\.77\.0\.\d+"/);
+    assert.match(inHost('nft', 'list', 'tables'), /table inet mayfly0\ntable bridge mayfly0/);
+    const refused = await mayfly(['network-down']);
+    assert.equal(refused.code, 1);
+    assert.match(refused.stderr, /1 instance is still attached to mayfly0 \(ct-downtestaa\)/);
+    api('detach', 'ct-downtestaa');
+    const r = await mayfly(['network-down']);
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(inHost('nft', 'list', 'tables'), '');
+    assert.equal(inHost('ip', '-o', 'link', 'show', 'type', 'bridge'), '');
+    assert.match(inHost('ip', '-o', 'link', 'show', 'mfbh0'), /mfbh0/, 'the uplink veth is untouched');
   });
 });
