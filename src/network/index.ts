@@ -1,4 +1,4 @@
-import { mkdirSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Config } from '../config/index.ts';
@@ -136,7 +136,9 @@ export class BridgedNetwork implements InstanceNetwork {
         // A host behind a local resolver (127.0.0.53) has none an instance could reach.
         this.#log.warn({ instance: req.id }, 'bridged instances get no DNS server: /etc/resolv.conf names only loopback ones; set [network] dns');
       }
-      const suffix = req.id.slice(req.id.lastIndexOf('-') + 1).slice(0, 11);
+      // Interface names: 15 characters at most; the id's random part keeps them unique.
+      const suffix = req.id.slice(req.id.lastIndexOf('-') + 1).replace(/[^a-z0-9]/gi, '').toLowerCase().slice(0, 11);
+      if (!suffix) throw new MayflyError(ErrorCode.NETWORK, `cannot name an interface after the instance id '${req.id}'`);
       const rec: PortRecord = {
         id: req.id,
         kind: req.kind,
@@ -277,7 +279,7 @@ export class BridgedNetwork implements InstanceNetwork {
       this.#log.info({ bridge: s.bridge, subnet: cidrText(s.subnet) }, 'created the bridge for bridged networking');
     }
     // No IPv6 on the bridge: a link-local address would let instances reach the host around the rules.
-    sysctl(`net.ipv6.conf.${s.bridge}.disable_ipv6`, '1');
+    if (existsSync('/proc/sys/net/ipv6')) sysctl(`net.ipv6.conf.${s.bridge}.disable_ipv6`, '1');
     await ip('addr', 'replace', `${s.gateway}/${s.subnet.prefix}`, 'dev', s.bridge);
     await ip('link', 'set', 'dev', s.bridge, 'up');
     // Forwarding only where instance traffic passes: into the host from the bridge, and back in

@@ -16,6 +16,7 @@ const UPLINK = `mfb-up-${tag}`;
 const UPLINK_IP = '198.51.100.1'; // TEST-NET-2: not a private range, so instances may reach it
 const HOST_IP = '198.51.100.2';
 const METADATA_IP = '169.254.169.254';
+const OTHER_IP = '203.0.113.1'; // TEST-NET-3: more "internet", behind the uplink
 const GATEWAY = '10.77.0.1';
 const BRIDGE = 'mayfly0';
 
@@ -74,6 +75,7 @@ describe('bridged networking', { timeout: 900_000, skip: hasTools ? false : 'nee
     sh(['ip', '-n', UPLINK, 'link', 'set', 'mfbu0', 'up']);
     // A cloud metadata endpoint, as far as the instance can tell.
     sh(['ip', '-n', UPLINK, 'addr', 'add', `${METADATA_IP}/32`, 'dev', 'lo']);
+    sh(['ip', '-n', UPLINK, 'addr', 'add', `${OTHER_IP}/32`, 'dev', 'lo']);
     await serve(UPLINK, 8080, 'from the uplink');
     await serve(HOST, 8081, 'allowed host port');
     await serve(HOST, 8082, 'private host port');
@@ -118,6 +120,7 @@ describe('bridged networking', { timeout: 900_000, skip: hasTools ? false : 'nee
       `if curl -s -o /dev/null --max-time 3 ${url}; then echo "${name} reached"; else echo "${name} blocked"; fi`;
     const script = [
       probe('uplink', `http://${UPLINK_IP}:8080/`),
+      probe('other-internet', `http://${OTHER_IP}:8080/`),
       probe('metadata', `http://${METADATA_IP}:8080/`),
       probe('allowed-host-port', `http://${GATEWAY}:8081/`),
       probe('other-host-port', `http://${GATEWAY}:8082/`),
@@ -130,7 +133,7 @@ describe('bridged networking', { timeout: 900_000, skip: hasTools ? false : 'nee
     assert.match(r.stderr, /"start":"restore"/, 'the instance was restored from the template');
     assert.equal(
       r.stdout,
-      ['uplink reached', 'metadata blocked', 'allowed-host-port reached', 'other-host-port blocked', 'host-other-address blocked', 'peer blocked', '1', ''].join('\n'),
+      ['uplink reached', 'other-internet reached', 'metadata blocked', 'allowed-host-port reached', 'other-host-port blocked', 'host-other-address blocked', 'peer blocked', '1', ''].join('\n'),
     );
 
     const rm = await mayfly(['rm', ps[0]!.id]);
@@ -156,13 +159,14 @@ describe('bridged networking', { timeout: 900_000, skip: hasTools ? false : 'nee
     assertNothingLeft();
   });
 
-  test('a bridged mayflyd pool: leased machines have their own address; shutdown leaves no port behind', async () => {
+  test('a bridged mayflyd pool: leased machines have their own address and the pool\'s egress allowlist; shutdown leaves no port behind', async () => {
     const socket = join(cfgDir, 'mayfly.sock');
     const daemonConfig = join(cfgDir, 'daemon.toml');
     writeFileSync(daemonConfig, [
       `[network]\nbridge = "${BRIDGE}"\ndns = ["${UPLINK_IP}"]\nhost_ports = [8081]`,
       `[daemon]\nsocket = "${socket}"\nreconcile_interval = 1`,
       '[[pool]]\nname = "bridged"\nimage = "debian-12"\nsize = "2cpu1024mb4gb"\nidle_count = 1\nmax_instances = 2\nnetwork = "bridged"',
+      `egress_allow = ["${UPLINK_IP}/32"]`,
     ].join('\n') + '\n');
     const withConfig = (args: string[]) => spawn('ip', ['netns', 'exec', HOST, mayflyBin, '--data-dir', testDataDir(), '--config', daemonConfig, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
     const daemon = withConfig(['daemon']);
@@ -172,10 +176,11 @@ describe('bridged networking', { timeout: 900_000, skip: hasTools ? false : 'nee
     const exited = collect(daemon);
     try {
       await waitFor(() => /"idle": 1\b/.test(spawnSync('ip', ['netns', 'exec', HOST, mayflyBin, '--data-dir', testDataDir(), '--config', daemonConfig, 'pool', 'ls', '--json'], { encoding: 'utf8' }).stdout), 180_000, `an idle bridged machine; daemon log:\n${log}`);
-      const r = await collect(withConfig(['run', '--pool', 'bridged', '--', 'bash', '-c', `ip -4 -br addr show eth0; curl -s --max-time 5 http://${UPLINK_IP}:8080/`]));
+      const script = `ip -4 -br addr show eth0; curl -s --max-time 5 http://${UPLINK_IP}:8080/; curl -s --max-time 3 http://${OTHER_IP}:8080/ || echo "other-internet blocked"`;
+      const r = await collect(withConfig(['run', '--pool', 'bridged', '--', 'bash', '-c', script]));
       assert.equal(r.code, 0, r.stderr);
       assert.match(r.stderr, /from pool bridged/);
-      assert.match(r.stdout, /eth0 +UP +10\.77\.0\.\d+\/24[\s\S]*from the uplink/);
+      assert.match(r.stdout, /^eth0 +UP +10\.77\.0\.\d+\/24 *\nfrom the uplink\nother-internet blocked\n$/);
     } finally {
       daemon.kill('SIGTERM');
       await exited;
