@@ -226,8 +226,8 @@ export class QemuDriver implements Driver {
       host_key_pub: identity.hostKey.publicKey,
       authorized_keys: identity.authorizedKey + '\n',
     };
-    // A restored clone gets its address with the identity message instead: its fw_cfg items
-    // must be the template's.
+    // A restored clone's guest read fw_cfg at the template's boot and never again: it gets its
+    // address with the identity message instead.
     if (spec.network && !spec.restore) items.net = networkLines(spec.network).join('\n') + '\n';
     return Object.entries(items).flatMap(([name, value]) => {
       const file = join(dir, `fwcfg-${name}`);
