@@ -203,6 +203,7 @@ export class BridgedNetwork implements InstanceNetwork {
         await deleteLink(p.ifname);
         removed.push({ id: id ?? '?', hostIf: p.ifname });
       }
+      // Applied on every pass while the bridge exists, so rules someone flushed come back.
       if (removed.length > 0 || (await link(this.settings.bridge))) await this.#applyRules();
       for (const r of removed) this.#log.warn({ instance: r.id, hostIf: r.hostIf }, 'reaped an orphaned network port and its rules');
       return removed;
