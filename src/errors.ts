@@ -53,6 +53,8 @@ export const ErrorCode = {
   NO_MATCHING_POOL: 'MAYFLY_ERR_NO_MATCHING_POOL',
   SHUTTING_DOWN: 'MAYFLY_ERR_SHUTTING_DOWN',
   DAEMON: 'MAYFLY_ERR_DAEMON',
+  NETWORK: 'MAYFLY_ERR_NETWORK',
+  NETWORK_CONFIG: 'MAYFLY_ERR_NETWORK_CONFIG',
 } as const;
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
 
@@ -61,7 +63,7 @@ const inputErrors: ReadonlySet<string> = new Set<string>([
   ErrorCode.CONFIG_NOT_FOUND, ErrorCode.CONFIG_PARSE, ErrorCode.CONFIG_INVALID, ErrorCode.USAGE, ErrorCode.IMAGE_NOT_FOUND,
   ErrorCode.IMAGE_IN_USE, ErrorCode.RECIPE_INVALID, ErrorCode.SIZE_INVALID, ErrorCode.INSTANCE_NOT_FOUND,
   ErrorCode.CI_FILE_NOT_FOUND, ErrorCode.CI_FILE_INVALID, ErrorCode.CI_JOB_NOT_FOUND, ErrorCode.NOT_A_GIT_REPO,
-  ErrorCode.LEASE_NOT_FOUND, ErrorCode.NO_MATCHING_POOL, ErrorCode.STORAGE_UNUSABLE,
+  ErrorCode.LEASE_NOT_FOUND, ErrorCode.NO_MATCHING_POOL, ErrorCode.STORAGE_UNUSABLE, ErrorCode.NETWORK_CONFIG,
 ]);
 
 export function isMayflyError(e: unknown): e is MayflyError {

@@ -3,6 +3,7 @@ import { DaemonClient } from '../daemon/client.ts';
 import type { MachineSize } from '../drivers/index.ts';
 import type { JobDiskMode, StartMode } from '../pool/index.ts';
 import { JOB_DISK_MODES } from '../config/schema.ts';
+import type { NetworkMode } from '../network/index.ts';
 import { ErrorCode, MayflyError } from '../errors.ts';
 import { bootJobMachine, leaseJobMachine, type JobMachine } from '../integrations/job-machine.ts';
 import type { Context } from './context.ts';
@@ -21,11 +22,17 @@ export interface MachineChoice {
   start?: StartMode;
   /** plain | encrypted | tmpfs; from a pool only when the pool's job_disk is this. */
   jobDisk?: JobDiskMode;
+  /** user | bridged, for a machine this process starts (pool machines are networked as their pool says). */
+  network?: NetworkMode;
 }
 
 export function jobDiskOption(): Option {
   return new Option('--job-disk <mode>', 'where the job\'s data (/builds, docker) lives: plain, encrypted (dm-crypt, key only in guest RAM) or tmpfs; default from the config')
     .choices([...JOB_DISK_MODES]);
+}
+
+export function networkOption(): Option {
+  return new Option('--network <mode>', 'user (QEMU user-mode networking) or bridged (a TAP on mayfly\'s bridge, nftables isolation); default from the config; a machine started here, not from a pool').choices(['user', 'bridged']);
 }
 
 export function startOption(): Option {
@@ -38,7 +45,13 @@ export function startOption(): Option {
  */
 export async function obtainJobMachine(ctx: Context, o: MachineChoice, owner: string, signal: AbortSignal): Promise<JobMachine> {
   const size: Partial<MachineSize> = { cpus: o.cpus, memoryMiB: o.memory, diskGiB: o.disk };
-  const client = o.daemon && !o.keep ? await DaemonClient.find(ctx.config.daemon.socket) : undefined;
+  if (o.pool && o.network) {
+    throw new MayflyError(ErrorCode.USAGE, `--network and --pool do not go together: pool ${o.pool}'s machines are networked as its config says`, {
+      hint: 'drop --network, or drop --pool to start a machine here',
+    });
+  }
+  // An explicit network asks for a machine started here: pools are networked by their config.
+  const client = o.daemon && !o.keep && !o.network ? await DaemonClient.find(ctx.config.daemon.socket) : undefined;
   if (o.pool && !client) {
     throw new MayflyError(ErrorCode.DAEMON, `--pool ${o.pool} needs mayflyd, and none answers on ${ctx.config.daemon.socket}`, {
       hint: 'start it with: mayfly daemon (or systemctl start mayflyd)',
@@ -55,5 +68,5 @@ export async function obtainJobMachine(ctx: Context, o: MachineChoice, owner: st
       ctx.log.info('no mayflyd pool serves this image and size; booting a machine here');
     }
   }
-  return bootJobMachine(ctx.engine(), { image: o.image, size, owner, signal, start: o.start, jobDisk: o.jobDisk });
+  return bootJobMachine(ctx.engine(), { image: o.image, size, owner, signal, start: o.start, jobDisk: o.jobDisk, network: o.network });
 }

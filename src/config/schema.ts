@@ -25,6 +25,12 @@ const tmpfsSize = z.string().regex(TMPFS_SIZE, 'must be a share of the machine\'
 
 /** `storage.backend`: the directory clone backends (src/storage/detect.ts), fastest first, or auto. */
 export const STORAGE_BACKENDS = ['auto', 'btrfs-snapshot', 'reflink', 'overlayfs', 'copy'] as const;
+/** How a machine is networked: QEMU user-mode (slirp, no host setup) or a TAP on mayfly's bridge. */
+export const NETWORK_MODES = ['user', 'bridged'] as const;
+
+// An IPv4 network; whether host bits are set is checked where it is used (src/network).
+const ipv4Cidr = z.string().regex(/^\d{1,3}(\.\d{1,3}){3}(\/\d{1,2})?$/, 'must be an IPv4 network such as "10.77.0.0/24" (or one address)');
+const ipv4Addr = z.string().regex(/^\d{1,3}(\.\d{1,3}){3}$/, 'must be an IPv4 address');
 
 const imageName = z.string().regex(IMAGE_NAME, {
   error: 'must be an image name: 1 to 63 characters of a-z, 0-9, ".", "_" or "-", starting with a letter or digit',
@@ -86,6 +92,10 @@ const poolSchema = z.strictObject({
   start: z.enum(START_MODES).optional(),
   /** plain | encrypted | tmpfs; default: [defaults] job_disk. */
   job_disk: z.enum(JOB_DISK_MODES).optional(),
+  /** user | bridged; default: [defaults] network. */
+  network: z.enum(NETWORK_MODES).optional(),
+  /** Bridged only: the networks this pool's machines may reach (DNS and [network] host_ports stay reachable). Absent: anything not blocked. */
+  egress_allow: z.array(ipv4Cidr).optional(),
   period: z.array(periodSchema).default([]),
 });
 
@@ -136,6 +146,20 @@ export const configSections = {
     job_disk: z.enum(JOB_DISK_MODES).default('plain'),
     /** Size of the tmpfs for job_disk = "tmpfs". */
     job_tmpfs_size: tmpfsSize.default('50%'),
+    network: z.enum(NETWORK_MODES).default('user'),
+  }),
+  /** Bridged networking (opt-in per pool, in [defaults] or with --network bridged). */
+  network: section({
+    /** The bridge mayfly creates and owns; its nftables tables have the same name. */
+    bridge: z.string().regex(/^[a-z][a-z0-9]{0,14}$/, 'must be 1 to 15 lower-case letters or digits, starting with a letter (it names the bridge and the nftables tables)').default('mayfly0'),
+    /** Instances' addresses; the bridge takes the first one. Must not overlap a route of the host. */
+    subnet: ipv4Cidr.default('10.77.0.0/24'),
+    /** DNS servers handed to instances; empty: the host's (non-loopback) ones from /etc/resolv.conf. */
+    dns: z.array(ipv4Addr).default([]),
+    /** TCP ports on the host that instances may connect to (e.g. a cache proxy); every other one is dropped. */
+    host_ports: z.array(z.int().min(1).max(65535)).default([]),
+    /** Networks instances may reach although private, link-local or otherwise blocked. */
+    allow: z.array(ipv4Cidr).default([]),
   }),
   qemu: section({
     binary: z.string().min(1).default('qemu-system-x86_64'),

@@ -8,7 +8,6 @@ import type { Logger } from '../log.ts';
 import { Engine, Machine, type JobDiskMode } from '../pool/index.ts';
 import { poolSpecs } from '../pool/policy.ts';
 import { PoolManager, type CapacityGuard, type PoolEvent } from '../pool/pool.ts';
-import { reap } from '../pool/reaper.ts';
 import { hostLimits } from '../pool/sizes.ts';
 import type { EventRecord } from '../state/index.ts';
 import { holderAlive } from '../util/proc.ts';
@@ -80,14 +79,17 @@ export class Daemon {
       capacity: capacityGuard(opts.config),
       create: (spec, signal) => {
         const image = engine.images.resolve(spec.image);
+        const pool = opts.config.pool.find((p) => p.name === spec.name);
         return engine.createMachine({
           image,
           size: spec.size,
           owner: `pool ${spec.name}: idle`,
           pool: spec.name,
           signal,
-          start: opts.config.pool.find((p) => p.name === spec.name)?.start,
+          start: pool?.start,
           jobDisk: poolJobDisk(opts.config, spec.name),
+          network: pool?.network,
+          egressAllow: pool?.egress_allow,
         });
       },
       onEvent: (e) => this.#record(e),
@@ -184,7 +186,7 @@ export class Daemon {
     if (this.#reaping) return;
     this.#reaping = true;
     try {
-      const r = await reap({ state: this.engine.state, drivers: this.engine.drivers, instancesDir: this.engine.instancesDir, log: this.log });
+      const r = await this.engine.reap(this.log);
       // Copies of images that a killed `image maintain`/`image shell` left mounted.
       for (const dir of await removeStaleWorkRoots(this.engine.images)) this.log.warn({ dir }, 'removed an image work dir whose process is gone');
       for (const x of r.removed) {

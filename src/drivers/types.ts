@@ -20,6 +20,22 @@ export interface MachineIdentity {
   authorizedKey: string;
 }
 
+/**
+ * A bridged network attachment (src/network) as a driver needs it: the host interface to use,
+ * and the static configuration the guest must apply. Absent: user-mode networking.
+ */
+export interface GuestNetwork {
+  /** The TAP on the bridge (QEMU) or the veth's host end (containers). */
+  hostIf: string;
+  /** veth only: the container's end, still in the host's namespace until the driver moves it in. */
+  peerIf?: string;
+  mac: string;
+  address: string;
+  prefixLength: number;
+  gateway: string;
+  dns: string[];
+}
+
 export interface StartSpec {
   id: string;
   /** The instance's own directory: clone, console log, sockets, keys; removed on destroy. */
@@ -40,6 +56,8 @@ export interface StartSpec {
    * disk, `stateFile` its memory state. The driver hands the guest its new identity at once.
    */
   restore?: { stateFile: string };
+  /** Bridged networking; user-mode networking when absent. */
+  network?: GuestNetwork;
 }
 
 export interface StartedMachine {
@@ -84,6 +102,8 @@ export interface Driver {
    * offer an encrypted job disk (see assertJobDiskSupported).
    */
   attachJobDisk?(dir: string, sizeBytes: number): Promise<{ serial: string }>;
+  /** The kind of bridge port a bridged machine of this driver gets (default: a TAP). */
+  readonly bridgedPort?: 'tap' | 'veth';
   /** The driver mounts `job_disk = "tmpfs"` itself at start (StartSpec.jobTmpfs) rather than the guest after it. */
   readonly mountsJobTmpfs?: boolean;
 }

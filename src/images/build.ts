@@ -146,7 +146,8 @@ export async function buildImage(store: ImageStore, recipe: Recipe, opts: BuildO
       kernelArgs: [baseKernelArgs, recipe.kernel_args].filter(Boolean).join(' '),
       diskVirtualBytes: sizeBytes,
       identity: 'fw_cfg',
-      features: ['restore-agent'],
+      // static-net: the guest applies a bridged address from fw_cfg or the restore message.
+      features: ['restore-agent', 'static-net'],
       user: 'ci',
     });
     await removeBuildDir(work);

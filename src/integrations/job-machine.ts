@@ -6,6 +6,7 @@ import { customSizeLabel } from '../pool/sizes.ts';
 import type { ExecResult } from '../guest/index.ts';
 import { redactData } from '../secrets.ts';
 import type { AttachedMachine, Engine, JobDiskMode, Lease, StartMode } from '../pool/index.ts';
+import type { NetworkMode } from '../network/index.ts';
 
 // What an integration needs from a machine for one job, whether it was booted in this
 // process or leased from mayflyd's warm pool: run commands (with input, output and
@@ -43,11 +44,12 @@ export interface JobMachineRequest {
   signal?: AbortSignal;
   start?: StartMode;
   jobDisk?: JobDiskMode;
+  network?: NetworkMode;
 }
 
 /** A fresh machine started by this process. */
 export async function bootJobMachine(engine: Engine, req: JobMachineRequest): Promise<JobMachine> {
-  return localJobMachine(await engine.lease({ image: req.image, size: req.size, owner: req.owner, signal: req.signal, start: req.start, jobDisk: req.jobDisk }));
+  return localJobMachine(await engine.lease({ image: req.image, size: req.size, owner: req.owner, signal: req.signal, start: req.start, jobDisk: req.jobDisk, network: req.network }));
 }
 
 /** A machine this process holds through an engine lease. */

@@ -56,8 +56,9 @@ export function attachInstance(
       }
       const p: Promise<GuestChannel> = container
         ? NsenterChannel.open(containerTarget(pid, rec.dir), user)
-        : // The QEMU driver forwards the guest's SSH port on the host's loopback.
-          SshChannel.connectOnce({ host: '127.0.0.1', port: rec.sshPort!, user, privateKey, hostKey }, 20_000);
+        : // User-mode networking forwards the guest's SSH port on the host's loopback; a bridged
+          // guest is reached at its own address.
+          SshChannel.connectOnce({ host: rec.sshHost ?? '127.0.0.1', port: rec.sshPort!, user, privateKey, hostKey }, 20_000);
       channels.set(user, p);
       p.catch(() => channels.delete(user));
       return p;

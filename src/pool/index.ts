@@ -7,11 +7,12 @@ import { ErrorCode, MayflyError, errorText } from '../errors.ts';
 import { collectImages, type GcPlan } from '../images/gc.ts';
 import { ImageStore, type Image } from '../images/store.ts';
 import type { Logger } from '../log.ts';
+import { BridgedNetwork, networkSettings, type NetworkMode } from '../network/index.ts';
 import { openStateStore, type InstanceRecord, type StateStore } from '../state/index.ts';
 import { detectStorage, qcow2Overlay, type StorageBackend } from '../storage/index.ts';
 import { attachInstance, type AttachedMachine } from './attached.ts';
-import { Machine, type MachineDeps } from './machine.ts';
-import { removeInstance } from './reaper.ts';
+import { Machine, type MachineDeps, type MachineNetworkRequest } from './machine.ts';
+import { reap, removeInstance, type ReapResult } from './reaper.ts';
 import { checkSize, hostLimits } from './sizes.ts';
 import { assertJobDiskSupported, type JobDiskMode } from './job-disk.ts';
 import { Templates, type Template } from './templates.ts';
@@ -36,6 +37,8 @@ export interface LeaseRequest {
   start?: StartMode;
   /** plain | encrypted | tmpfs; default from the config. */
   jobDisk?: JobDiskMode;
+  /** user | bridged; default from the config ([defaults] network). */
+  network?: NetworkMode;
 }
 
 export interface Lease {
@@ -56,6 +59,8 @@ export class Engine {
   readonly storage: StorageBackend;
   readonly templates: Templates;
   #dirStorage: Promise<StorageBackend> | undefined;
+  /** Bridged networking; touches the host only when a machine is started bridged. */
+  readonly network: BridgedNetwork;
 
   constructor(opts: { dataDir: string; config: Config; log: Logger }) {
     if (opts.dataDir.includes(',')) {
@@ -81,6 +86,8 @@ export class Engine {
       startTimeoutMs: opts.config.nspawn.start_timeout * 1000,
     });
     this.storage = qcow2Overlay;
+    // Checked now, so that a bad [network] section fails before anything starts.
+    this.network = new BridgedNetwork({ dataDir: opts.dataDir, settings: networkSettings(opts.config), log: opts.log });
     this.templates = new Templates(this.machineDeps());
   }
 
@@ -134,6 +141,7 @@ export class Engine {
       log: this.log,
       bootTimeoutMs: this.config.qemu.boot_timeout * 1000,
       bootRetries: this.config.qemu.boot_retries,
+      network: this.network,
     };
   }
 
@@ -144,7 +152,7 @@ export class Engine {
       { image: `${image.name}:${image.version}`, cpus: size.cpus, memory: size.memoryMiB, disk: size.diskGiB },
       'starting a fresh machine',
     );
-    const machine = await this.createMachine({ image, size, owner: req.owner, signal: req.signal, start: req.start, jobDisk: req.jobDisk });
+    const machine = await this.createMachine({ image, size, owner: req.owner, signal: req.signal, start: req.start, jobDisk: req.jobDisk, network: req.network });
     try {
       machine.setOwner(req.owner);
     } catch (e) {
@@ -164,12 +172,22 @@ export class Engine {
    * when the start mode says so and the image can be restored, else booted.
    */
   async createMachine(req: {
-    image: Image; size: MachineSize; owner: string; pool?: string; signal?: AbortSignal; start?: StartMode; jobDisk?: JobDiskMode;
+    image: Image;
+    size: MachineSize;
+    owner: string;
+    pool?: string;
+    signal?: AbortSignal;
+    start?: StartMode;
+    jobDisk?: JobDiskMode;
+    network?: NetworkMode;
+    egressAllow?: string[];
   }): Promise<Machine> {
     const jobDisk = req.jobDisk ?? this.config.defaults.job_disk;
     // Before a template is made or a machine started: an unsupported mode fails at once.
     assertJobDiskSupported(req.image.kind === 'container' ? this.containers : this.driver, jobDisk);
     const mode = req.start ?? this.startMode(req.image);
+    const netMode = req.network ?? this.config.defaults.network;
+    const network: MachineNetworkRequest | undefined = netMode === 'bridged' ? { mode: netMode, egressAllow: req.egressAllow } : undefined;
     let template: Template | undefined;
     if (mode === 'restore' && this.templates.canSnapshot(req.image)) {
       try {
@@ -185,6 +203,7 @@ export class Engine {
       image: req.image, size: req.size, owner: req.owner, pool: req.pool, signal: req.signal, template,
       onRestoreFailed: (t, why) => this.templates.drop(t, why),
       jobDisk: { mode: jobDisk, tmpfsSize: this.config.defaults.job_tmpfs_size },
+      network,
     });
   }
 
@@ -197,6 +216,11 @@ export class Engine {
       { images: this.images, state: this.state, pools: this.config.pool, keep: this.config.images.keep_versions, log: this.log },
       opts,
     );
+  }
+
+  /** Removes what no live mayfly process, kept machine or job explains (see reaper.ts). */
+  reap(log: Logger = this.log): Promise<ReapResult> {
+    return reap({ state: this.state, drivers: this.drivers, instancesDir: this.instancesDir, log, network: this.network });
   }
 
   /** Instances in the state store, each with whether its process still runs. */

@@ -6,6 +6,7 @@ import { ErrorCode, MayflyError, errorText } from '../errors.ts';
 import { NsenterChannel, SshChannel, generateKeyPair, type GuestChannel, type GuestEndpoint } from '../guest/index.ts';
 import type { Image } from '../images/store.ts';
 import type { Logger } from '../log.ts';
+import type { Attachment, InstanceNetwork, NetworkMode } from '../network/index.ts';
 import type { StateStore } from '../state/index.ts';
 import { diskTooSmall, mountsUnder, removeInstanceDir, type StorageBackend } from '../storage/index.ts';
 import { newId } from '../util/ids.ts';
@@ -23,6 +24,14 @@ export interface MachineDeps {
   log: Logger;
   bootTimeoutMs: number;
   bootRetries: number;
+  /** Bridged networking; only needed for machines started bridged. */
+  network?: InstanceNetwork;
+}
+
+/** How a machine is networked: user-mode (the default), or bridged with an optional egress allowlist. */
+export interface MachineNetworkRequest {
+  mode: NetworkMode;
+  egressAllow?: string[];
 }
 
 // Machines this process started and has not destroyed, for a last-resort kill on exit.
@@ -47,6 +56,8 @@ export class Machine {
   verboseBoot = false;
   /** Where the job's working data lives (see job-disk.ts). */
   jobDisk: JobDiskMode = 'plain';
+  /** Its port on the bridge, when bridged. */
+  attachment: Attachment | undefined;
   readonly #deps: MachineDeps;
   #privateKey = '';
   #hostKey = '';
@@ -78,6 +89,8 @@ export class Machine {
       onRestoreFailed?: (t: Template, why: string) => void;
       /** The job's data storage; plain (the root disk) when absent. */
       jobDisk?: Omit<JobDiskOptions, 'user' | 'diskBytes'>;
+      /** User-mode networking when absent. */
+      network?: MachineNetworkRequest;
     },
   ): Promise<Machine> {
     const { image, size } = req;
@@ -92,12 +105,17 @@ export class Machine {
       deps.state.insertInstance({
         id: m.id, driver: deps.driver.name, imageName: image.name, imageVersion: image.version, imageId: image.id,
         state: 'creating', createdAt: t0, updatedAt: t0, pid: null, dir: m.dir, disks: [join(m.dir, container ? 'root' : 'disk.qcow2')],
-        consoleLog: join(m.dir, 'console.log'), sshPort: null, cpus: size.cpus, memoryMiB: size.memoryMiB,
+        consoleLog: join(m.dir, 'console.log'), sshPort: null, sshHost: null, cpus: size.cpus, memoryMiB: size.memoryMiB,
         diskGiB: size.diskGiB, accel: null, owner: req.owner ?? null, holderPid: process.pid, pool: req.pool ?? null,
       });
       mkdirSync(m.dir, { recursive: true, mode: 0o700 });
       // A driver that mounts the job tmpfs itself (containers cannot mount one from inside) gets it at start.
       if (req.jobDisk?.mode === 'tmpfs' && deps.driver.mountsJobTmpfs) m.#jobTmpfs = req.jobDisk.tmpfsSize;
+      if (req.network?.mode === 'bridged') {
+        if (!deps.network) throw new MayflyError(ErrorCode.NETWORK, 'bridged networking is not available to this engine');
+        // The port exists before the machine opens it; its rules are in place before the guest runs.
+        m.attachment = await deps.network.attachInstance({ id: m.id, kind: deps.driver.bridgedPort ?? 'tap', egressAllow: req.network.egressAllow });
+      }
       await m.#start(req);
       if (m.#jobTmpfs !== undefined) {
         m.jobDisk = 'tmpfs';
@@ -159,10 +177,10 @@ export class Machine {
     try {
       d.state.updateInstance(this.id, { state: 'booting' });
       this.started = await d.driver.start(
-        { id: this.id, dir: this.dir, image: this.image, size: this.size, disk, identity, restore: { stateFile: pinned.state } },
+        { id: this.id, dir: this.dir, image: this.image, size: this.size, disk, identity, restore: { stateFile: pinned.state }, network: this.attachment },
         { log: d.log, signal },
       );
-      d.state.updateInstance(this.id, { pid: this.started.pid, sshPort: this.started.ssh?.port ?? null, accel: this.started.accel });
+      d.state.updateInstance(this.id, { pid: this.started.pid, sshPort: this.started.ssh?.port ?? null, sshHost: this.started.ssh?.host ?? null, accel: this.started.accel });
       // sshd starts only once the guest has its identity (the driver waited for that): this is quick.
       this.guest = await SshChannel.waitReady(this.endpoint(this.image.user), {
         timeoutMs: 30_000,
@@ -194,10 +212,11 @@ export class Machine {
           identity,
           verbose: attempt > 0,
           jobTmpfs: this.#jobTmpfs,
+          network: this.attachment,
         },
         { log: d.log, signal },
       );
-      d.state.updateInstance(this.id, { pid: this.started.pid, sshPort: this.started.ssh?.port ?? null, accel: this.started.accel });
+      d.state.updateInstance(this.id, { pid: this.started.pid, sshPort: this.started.ssh?.port ?? null, sshHost: this.started.ssh?.host ?? null, accel: this.started.accel });
       d.log.debug({ instance: this.id, pid: this.started.pid, port: this.started.ssh?.port }, 'machine process started');
       try {
         this.guest = this.started.ssh
@@ -327,6 +346,10 @@ export class Machine {
     this.#noteState(() => d.state.updateInstance(this.id, { state: 'destroying' }));
     this.#closeChannels();
     await d.driver.stop(this.started?.pid ?? null, this.dir);
+    if (this.attachment) {
+      // A failure here leaves the port to the reaper (its instance has no record by then).
+      await d.network?.detachInstance(this.id).catch((e: unknown) => d.log.error({ instance: this.id, err: errorText(e) }, 'removing the network port failed'));
+    }
     await removeInstanceDir(this.dir);
     live.delete(this);
     this.#noteState(() => d.state.deleteInstance(this.id));

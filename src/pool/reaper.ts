@@ -3,13 +3,15 @@ import { join } from 'node:path';
 import type { Driver } from '../drivers/types.ts';
 import { errorText } from '../errors.ts';
 import type { Logger } from '../log.ts';
+import type { BridgedNetwork } from '../network/index.ts';
 import type { StateStore } from '../state/index.ts';
 import { removeInstanceDir } from '../storage/index.ts';
 import { holderAlive } from '../util/proc.ts';
 import { Machine } from './machine.ts';
 
 // The reaper: compares what exists on the host (machine processes, instance dirs with clones,
-// keys, sockets, console logs) with the state store, and removes whatever nothing explains.
+// keys, sockets, console logs, bridge ports and their nftables rules) with the state store, and
+// removes whatever nothing explains.
 // A machine is explained while this process manages it, while another live mayfly process
 // does (a `mayfly run` next to the daemon), while a job record holds it (GitLab's stages are
 // separate processes) and has not expired, or when a user kept it (`run --keep`).
@@ -20,12 +22,13 @@ export interface ReapResult {
 }
 
 /**
- * Stops an instance's process and removes its files (unmounting and deleting its clone, whichever
- * backend made it) and record: the way out for anything no Machine object holds. Without a
- * known driver (files with no record) every driver stops what its own files in the dir name.
+ * Stops an instance's process and removes its network port, its files (unmounting and deleting
+ * its clone, whichever backend made it) and record: the way out for anything no Machine object
+ * holds. Without a known driver (files with no record) every driver stops what its own files in
+ * the dir name.
  */
 export async function removeInstance(
-  deps: { state: StateStore; drivers: readonly Driver[] },
+  deps: { state: StateStore; drivers: readonly Driver[]; network?: BridgedNetwork },
   id: string,
   driverName: string | null,
   pid: number | null,
@@ -35,11 +38,18 @@ export async function removeInstance(
     if (driverName === null) await driver.stop(null, dir);
     else if (driver.name === driverName) await driver.stop(pid, dir);
   }
+  await deps.network?.detachInstance(id);
   await removeInstanceDir(dir);
   deps.state.deleteInstance(id);
 }
 
-export async function reap(deps: { state: StateStore; drivers: readonly Driver[]; instancesDir: string; log: Logger }): Promise<ReapResult> {
+export async function reap(deps: {
+  state: StateStore;
+  drivers: readonly Driver[];
+  instancesDir: string;
+  log: Logger;
+  network?: BridgedNetwork;
+}): Promise<ReapResult> {
   const { state, drivers, instancesDir, log } = deps;
   const removed: ReapResult['removed'] = [];
   const remove = async (id: string, driverName: string | null, pid: number | null, dir: string, why: string) => {
@@ -83,6 +93,16 @@ export async function reap(deps: { state: StateStore; drivers: readonly Driver[]
     for (const id of readdirSync(instancesDir)) {
       if (state.getInstance(id) || explained(id)) continue;
       await remove(id, null, null, join(instancesDir, id), 'files with no record');
+    }
+  }
+  // Bridge ports and rules whose instance has no record any more (a process killed between
+  // removing the machine and its port, or before recording it).
+  if (deps.network) {
+    try {
+      const ports = await deps.network.reap((id) => Machine.liveIds().has(id) || state.getInstance(id) !== undefined);
+      for (const p of ports) removed.push({ id: p.id, why: `network port ${p.hostIf} with no record` });
+    } catch (e) {
+      log.error({ err: errorText(e) }, 'reaping network ports failed');
     }
   }
   // Records of jobs that ran past their expiry and whose machine is gone: a runner that crashed

@@ -23,6 +23,8 @@ export interface InstanceRecord {
   disks: string[];
   consoleLog: string;
   sshPort: number | null;
+  /** Where the guest's sshd is reached (the guest's bridge address); null: 127.0.0.1 (a forwarded port). */
+  sshHost: string | null;
   cpus: number;
   memoryMiB: number;
   diskGiB: number;
@@ -131,6 +133,7 @@ const migrations: string[] = [
      expires_at INTEGER NOT NULL,
      data TEXT NOT NULL
    );`,
+  `ALTER TABLE instances ADD COLUMN ssh_host TEXT;`,
 ];
 
 /** The schema version a store has once opened (SQLite's user_version). */
@@ -153,6 +156,7 @@ function toRecord(r: Row): InstanceRecord {
     disks: JSON.parse(String(r.disks)) as string[],
     consoleLog: String(r.console_log),
     sshPort: r.ssh_port === null ? null : Number(r.ssh_port),
+    sshHost: r.ssh_host === null || r.ssh_host === undefined ? null : String(r.ssh_host),
     cpus: Number(r.cpus),
     memoryMiB: Number(r.memory_mib),
     diskGiB: Number(r.disk_gib),
@@ -170,7 +174,7 @@ function toRecord(r: Row): InstanceRecord {
  */
 export interface StateStore {
   insertInstance(rec: InstanceRecord): void;
-  updateInstance(id: string, patch: Partial<Pick<InstanceRecord, 'state' | 'pid' | 'sshPort' | 'accel' | 'owner' | 'holderPid'>>): void;
+  updateInstance(id: string, patch: Partial<Pick<InstanceRecord, 'state' | 'pid' | 'sshPort' | 'sshHost' | 'accel' | 'owner' | 'holderPid'>>): void;
   deleteInstance(id: string): void;
   getInstance(id: string): InstanceRecord | undefined;
   listInstances(): InstanceRecord[];
@@ -272,18 +276,18 @@ export class SqliteStateStore implements StateStore {
     this.#db
       .prepare(
         `INSERT INTO instances (id, driver, image_name, image_version, image_id, state, created_at, updated_at, pid, dir,
-           disks, console_log, ssh_port, cpus, memory_mib, disk_gib, accel, owner, holder_pid, pool)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+           disks, console_log, ssh_port, ssh_host, cpus, memory_mib, disk_gib, accel, owner, holder_pid, pool)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
       )
       .run(
         rec.id, rec.driver, rec.imageName, rec.imageVersion, rec.imageId, rec.state, rec.createdAt, rec.updatedAt,
-        rec.pid, rec.dir, JSON.stringify(rec.disks), rec.consoleLog, rec.sshPort, rec.cpus, rec.memoryMiB,
+        rec.pid, rec.dir, JSON.stringify(rec.disks), rec.consoleLog, rec.sshPort, rec.sshHost, rec.cpus, rec.memoryMiB,
         rec.diskGiB, rec.accel, rec.owner === null ? null : redactSecrets(rec.owner), rec.holderPid, rec.pool,
       );
   }
 
-  updateInstance(id: string, patch: Partial<Pick<InstanceRecord, 'state' | 'pid' | 'sshPort' | 'accel' | 'owner' | 'holderPid'>>): void {
-    const cols: Record<string, string> = { state: 'state', pid: 'pid', sshPort: 'ssh_port', accel: 'accel', owner: 'owner', holderPid: 'holder_pid' };
+  updateInstance(id: string, patch: Partial<Pick<InstanceRecord, 'state' | 'pid' | 'sshPort' | 'sshHost' | 'accel' | 'owner' | 'holderPid'>>): void {
+    const cols: Record<string, string> = { state: 'state', pid: 'pid', sshPort: 'ssh_port', sshHost: 'ssh_host', accel: 'accel', owner: 'owner', holderPid: 'holder_pid' };
     const sets: string[] = ['updated_at = ?'];
     const values: (string | number | null)[] = [Date.now()];
     for (const [k, v] of Object.entries(patch)) {

@@ -20,12 +20,13 @@ function writeFile(name: string, text: string): string {
 }
 
 const DEFAULTS: Config = {
-  defaults: { image: 'debian-12', cpus: 2, memory: 1024, disk: 4, start: 'restore', job_disk: 'plain', job_tmpfs_size: '50%' },
+  defaults: { image: 'debian-12', cpus: 2, memory: 1024, disk: 4, start: 'restore', job_disk: 'plain', job_tmpfs_size: '50%', network: 'user' },
   qemu: { binary: 'qemu-system-x86_64', accel: 'auto', boot_timeout: 120, boot_retries: 1, tcg_tb_size: 64 },
   nspawn: { binary: 'systemd-nspawn', private_network: false, start_timeout: 30 },
   images: { recipe_dirs: [], keep_versions: 3, start: {}, rebuild: {}, gc_interval: 3600 },
   log: { level: 'info' },
   storage: { backend: 'auto', instances_dir: '' },
+  network: { bridge: 'mayfly0', subnet: '10.77.0.0/24', dns: [], host_ports: [], allow: [] },
   sizes: {},
   capacity: { cpu_overcommit: 4, memory_overcommit: 1, memory_reserve: 1024 },
   daemon: {
@@ -98,7 +99,7 @@ level = "debug"
     );
     assert.deepEqual(loadConfig(path), {
       ...DEFAULTS,
-      defaults: { image: 'alpine-3.20', cpus: 8, memory: 1024, disk: 4, start: 'restore', job_disk: 'plain', job_tmpfs_size: '50%' },
+      defaults: { image: 'alpine-3.20', cpus: 8, memory: 1024, disk: 4, start: 'restore', job_disk: 'plain', job_tmpfs_size: '50%', network: 'user' },
       qemu: { binary: 'qemu-system-x86_64', accel: 'tcg', boot_timeout: 300, boot_retries: 1, tcg_tb_size: 64 },
       images: { recipe_dirs: ['/srv/recipes', '/opt/more'], keep_versions: 3, start: {}, rebuild: {}, gc_interval: 3600 },
       log: { level: 'debug' },
@@ -169,7 +170,7 @@ describe('config validation messages', () => {
   test('unknown table header at top level', () => {
     assert.equal(
       check('[log]\nlevel = "info"\n\n[server]\nport = 1\n'),
-      "c.toml:4: server: unknown key 'server' (valid keys here: defaults, qemu, nspawn, images, log, storage, sizes, capacity, daemon, pool, gitlab)",
+      "c.toml:4: server: unknown key 'server' (valid keys here: defaults, network, qemu, nspawn, images, log, storage, sizes, capacity, daemon, pool, gitlab)",
     );
   });
 

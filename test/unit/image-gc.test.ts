@@ -96,7 +96,7 @@ describe('collectImages against a data dir', () => {
   };
   const instance = (id: string, version: number): InstanceRecord => ({
     id, driver: 'qemu', imageName: 'img', imageVersion: version, imageId: 'sha256:x', state: 'leased', createdAt: Date.now(),
-    updatedAt: Date.now(), pid: null, dir: join(data, 'instances', id), disks: [], consoleLog: '', sshPort: null, cpus: 1,
+    updatedAt: Date.now(), pid: null, dir: join(data, 'instances', id), disks: [], consoleLog: '', sshPort: null, sshHost: null, cpus: 1,
     memoryMiB: 512, diskGiB: 4, accel: null, owner: null, holderPid: null, pool: null,
   });
 

@@ -25,7 +25,7 @@ test('the reaper removes exactly what nothing explains', async () => {
       mkdirSync(join(instancesDir, id), { recursive: true });
       state.insertInstance({
         id, driver: 'fake', imageName: 'debian-12', imageVersion: 1, imageId: 'sha256:x', state: 'leased', createdAt: now,
-        updatedAt: now, pid: null, dir: join(instancesDir, id), disks: [], consoleLog: '', sshPort: null, cpus: 1, memoryMiB: 512,
+        updatedAt: now, pid: null, dir: join(instancesDir, id), disks: [], consoleLog: '', sshPort: null, sshHost: null, cpus: 1, memoryMiB: 512,
         diskGiB: 4, accel: null, owner: null, holderPid: holder.pid!, pool: null, ...over,
       });
     };
@@ -90,7 +90,7 @@ test('a machine created while the reaper works is left alone', async () => {
     const now = Date.now();
     const rec = (id: string, holderPid: number): InstanceRecord => ({
       id, driver: 'fake', imageName: 'debian-12', imageVersion: 1, imageId: 'sha256:x', state: 'creating', createdAt: now,
-      updatedAt: now, pid: null, dir: join(instancesDir, id), disks: [], consoleLog: '', sshPort: null, cpus: 1, memoryMiB: 512,
+      updatedAt: now, pid: null, dir: join(instancesDir, id), disks: [], consoleLog: '', sshPort: null, sshHost: null, cpus: 1, memoryMiB: 512,
       diskGiB: 4, accel: null, owner: null, holderPid, pool: null,
     });
     state.insertInstance(rec('vm-orphan', 2 ** 22 + 9));

@@ -56,7 +56,7 @@ test('sendIdentity waits for the agent to acknowledge this clone, and fails clea
   const mute = createServer(() => {});
   await new Promise<void>((r) => mute.listen(silent, r));
   try {
-    await assert.rejects(sendIdentity(silent, identity, 300), /no answer from the guest's restore agent within 0.3 s/);
+    await assert.rejects(sendIdentity(silent, identity, undefined, 300), /no answer from the guest's restore agent within 0.3 s/);
   } finally {
     mute.close();
   }

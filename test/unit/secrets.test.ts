@@ -80,7 +80,7 @@ describe('secrets', () => {
       const now = Date.now();
       state.insertInstance({
         id: 'vm-a', driver: 'qemu', imageName: 'debian-12', imageVersion: 1, imageId: 'sha256:x', state: 'creating', createdAt: now, updatedAt: now,
-        pid: null, dir: '/x', disks: [], consoleLog: '', sshPort: null, cpus: 1, memoryMiB: 512, diskGiB: 4, accel: null,
+        pid: null, dir: '/x', disks: [], consoleLog: '', sshPort: null, sshHost: null, cpus: 1, memoryMiB: 512, diskGiB: 4, accel: null,
         owner: `run: curl -H 'PRIVATE-TOKEN: ${token}'`, holderPid: null, pool: null,
       });
       state.updateInstance('vm-a', { owner: `lease-1: ${token}` });

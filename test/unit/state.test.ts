@@ -34,6 +34,7 @@ function record(id: string, over: Partial<InstanceRecord> = {}): InstanceRecord 
     disks: [`/var/lib/mayfly/instances/${id}/disk.qcow2`],
     consoleLog: `/var/lib/mayfly/instances/${id}/console.log`,
     sshPort: null,
+    sshHost: null,
     cpus: 2,
     memoryMiB: 1024,
     diskGiB: 4,
@@ -118,11 +119,11 @@ describe('StateStore', () => {
       s.insertInstance(orig);
       s.insertInstance(record('u2'));
       const before = Date.now();
-      s.updateInstance('u1', { state: 'ready', pid: 99, sshPort: 2222, accel: 'tcg', owner: 'me' });
+      s.updateInstance('u1', { state: 'ready', pid: 99, sshPort: 2222, sshHost: '10.77.0.2', accel: 'tcg', owner: 'me' });
       const after = Date.now();
       const got = s.getInstance('u1')!;
       assert.ok(got.updatedAt >= before && got.updatedAt <= after, `updatedAt ${got.updatedAt} not in [${before}, ${after}]`);
-      assert.deepEqual(got, { ...orig, state: 'ready', pid: 99, sshPort: 2222, accel: 'tcg', owner: 'me', updatedAt: got.updatedAt });
+      assert.deepEqual(got, { ...orig, state: 'ready', pid: 99, sshPort: 2222, sshHost: '10.77.0.2', accel: 'tcg', owner: 'me', updatedAt: got.updatedAt });
       // The other row is untouched.
       assert.deepEqual(s.getInstance('u2'), record('u2'));
 

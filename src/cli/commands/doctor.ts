@@ -40,7 +40,7 @@ export interface DoctorReport {
     disk: StorageChoice;
   };
   nspawn: { available: boolean; path: string | null; version: string | null; reason: string };
-  network: { mode: 'user'; bridged: false; reason: string };
+  network: { mode: 'user' | 'bridged'; bridged: boolean; reason: string };
   /** What to install or change for something faster or working, most useful first. */
   advice: string[];
 }
@@ -84,15 +84,26 @@ export async function doctorReport(givenDataDir: string, config: Config): Promis
     kvm,
     storage: { setting, dir: choice(dirReport, setting), disk: choice(diskReport, 'auto') },
     nspawn,
-    network: {
-      mode: 'user',
-      bridged: false,
-      reason: 'user-mode networking (QEMU slirp): no host setup; bridged/TAP networking is not built yet',
-    },
+    network: networkStatus(config),
     advice: [],
   };
   report.advice = advise(report, dirReport);
   return report;
+}
+
+/** Whether bridged networking could work here: only looked at, nothing is created. */
+function networkStatus(config: Config): DoctorReport['network'] {
+  const mode = config.defaults.network;
+  const missing = [
+    ...(findOnPath('ip') ? [] : ['ip (apt-get install iproute2)']),
+    ...(findOnPath('nft') ? [] : ['nft (apt-get install nftables)']),
+    ...(existsSync('/dev/net/tun') ? [] : ['/dev/net/tun']),
+    ...(process.getuid?.() === 0 ? [] : ['root']),
+  ];
+  const def = mode === 'user' ? 'default: user-mode networking (QEMU slirp, no host setup)' : `default: bridged (${config.network.bridge}, ${config.network.subnet})`;
+  return missing.length === 0
+    ? { mode, bridged: true, reason: `${def}; bridged networking (--network bridged) is available` }
+    : { mode, bridged: false, reason: `${def}; bridged networking needs ${missing.join(', ')}` };
 }
 
 function choice(report: StorageReport, setting: StorageSetting): StorageChoice {

@@ -1,7 +1,7 @@
 import type { Command } from 'commander';
 import { execJob } from '../../integrations/exec/run-job.ts';
 import { collectPairs, positiveInt, type ContextFactory } from '../main.ts';
-import { jobDiskOption, obtainJobMachine, startOption, type MachineChoice } from '../job-machine.ts';
+import { jobDiskOption, networkOption, obtainJobMachine, startOption, type MachineChoice } from '../job-machine.ts';
 import { withSignals } from '../signals.ts';
 import { registerSecretsFromEnv } from '../../secrets.ts';
 
@@ -20,6 +20,7 @@ export function registerExec(program: Command, context: ContextFactory): void {
     .option('--no-daemon', 'boot a machine in this process even when mayflyd runs')
     .addOption(startOption())
     .addOption(jobDiskOption())
+    .addOption(networkOption())
     .action(async (job: string, o: MachineChoice & { file: string; var: Record<string, string> }) => {
       const ctx = context();
       registerSecretsFromEnv(o.var);

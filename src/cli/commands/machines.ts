@@ -3,7 +3,7 @@ import { ErrorCode, MayflyError } from '../../errors.ts';
 import { runCommand } from '../../integrations/local/run.ts';
 import { shellJoin } from '../../util/shell.ts';
 import { redactSecrets, registerSecret, registerSecretsFromEnv } from '../../secrets.ts';
-import { jobDiskOption, obtainJobMachine, startOption, type MachineChoice } from '../job-machine.ts';
+import { jobDiskOption, networkOption, obtainJobMachine, startOption, type MachineChoice } from '../job-machine.ts';
 import { age, printList } from '../format.ts';
 import { collectPairs, positiveInt, type ContextFactory } from '../main.ts';
 import { withSignals } from '../signals.ts';
@@ -31,6 +31,7 @@ export function registerMachines(program: Command, context: ContextFactory): voi
     .option('--no-daemon', 'boot a machine in this process even when mayflyd runs')
     .addOption(startOption())
     .addOption(jobDiskOption())
+    .addOption(networkOption())
     .passThroughOptions()
     .action(async (command: string[], o: RunOptions) => {
       const ctx = context();
@@ -63,7 +64,7 @@ export function registerMachines(program: Command, context: ContextFactory): voi
       printList(ctx.engine().instances(), {
         json: Boolean(o.json || ctx.opts.json),
         empty: 'no machines',
-        headers: ['ID', 'DRIVER', 'IMAGE', 'STATE', 'AGE', 'PID', 'SIZE', 'OWNER', 'DISK', 'CONSOLE'],
+        headers: ['ID', 'DRIVER', 'IMAGE', 'STATE', 'AGE', 'PID', 'SIZE', 'SSH', 'OWNER', 'DISK', 'CONSOLE'],
         row: (i) => [
           i.id,
           i.driver,
@@ -72,6 +73,7 @@ export function registerMachines(program: Command, context: ContextFactory): voi
           age(i.createdAt),
           i.pid === null ? '-' : String(i.pid),
           `${i.cpus}cpu/${i.memoryMiB}M/${i.diskGiB}G`,
+          i.sshPort === null ? '-' : `${i.sshHost ?? '127.0.0.1'}:${i.sshPort}`,
           i.owner ?? '-',
           i.disks.join(','),
           i.consoleLog,
@@ -94,5 +96,22 @@ export function registerMachines(program: Command, context: ContextFactory): voi
         await engine.destroyInstance(id);
         process.stdout.write(`${id} destroyed\n`);
       }
+    });
+
+  program
+    .command('reap')
+    .description('remove what no live mayfly process explains: machines of killed processes, their clones, bridge ports and rules')
+    .action(async () => {
+      const r = await context().engine().reap();
+      for (const x of r.removed) process.stdout.write(`${x.id}: removed (${x.why})\n`);
+    });
+
+  program
+    .command('network-down')
+    .description('remove mayfly\'s bridge and its nftables tables (refused while bridged machines exist)')
+    .action(async () => {
+      const engine = context().engine();
+      await engine.network.down();
+      process.stdout.write(`removed bridge ${engine.network.settings.bridge} and its nftables tables\n`);
     });
 }

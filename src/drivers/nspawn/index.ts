@@ -6,9 +6,9 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { ErrorCode, MayflyError, errorText } from '../../errors.ts';
 import { containerLeader } from '../../guest/nsenter.ts';
 import type { Logger } from '../../log.ts';
-import { fileTail, findOnPath } from '../../util/exec.ts';
+import { fileTail, findOnPath, runChecked } from '../../util/exec.ts';
 import { liveProcesses, processAlive } from '../../util/proc.ts';
-import type { Driver, HostMachine, StartSpec, StartedMachine } from '../types.ts';
+import type { Driver, GuestNetwork, HostMachine, StartSpec, StartedMachine } from '../types.ts';
 import { createInstanceCgroups, destroyInstanceCgroups, instanceProcesses, joinCgroupsScript, type InstanceCgroups } from './cgroup.ts';
 
 // systemd-nspawn containers: one long-lived container per instance on a directory clone of the
@@ -37,6 +37,7 @@ export class NspawnDriver implements Driver {
   readonly name = 'nspawn';
   // A container's root cannot mount (nspawn drops CAP_SYS_ADMIN); nspawn mounts it instead.
   readonly mountsJobTmpfs = true;
+  readonly bridgedPort = 'veth';
   readonly #opts: NspawnDriverOptions;
 
   constructor(opts: NspawnDriverOptions) {
@@ -67,6 +68,9 @@ export class NspawnDriver implements Driver {
     writeFileSync(join(root, 'etc', 'hostname'), `${spec.identity.hostname}\n`);
     writeFileSync(join(root, 'etc', 'machine-id'), `${randomBytes(16).toString('hex')}\n`);
     // sudo and friends resolve the host name.
+    const net = spec.network;
+    if (net && !net.peerIf) throw new MayflyError(ErrorCode.MACHINE_START_FAILED, `containers need a veth on the bridge, got ${net.hostIf} alone`);
+    if (net) writeFileSync(join(root, 'etc', 'resolv.conf'), net.dns.map((d) => `nameserver ${d}\n`).join(''));
     writeFileSync(join(root, 'etc', 'hosts'), `127.0.0.1\tlocalhost\n127.0.1.1\t${spec.identity.hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n`);
 
     const cgroups = createInstanceCgroups(spec.id, spec.size);
@@ -81,7 +85,10 @@ export class NspawnDriver implements Driver {
       `--hostname=${spec.identity.hostname}`,
       '--as-pid2',
       '--console=pipe',
-      ...(this.#opts.privateNetwork ? ['--private-network'] : []),
+      // Bridged: a network namespace of its own, into which the veth's container end is moved
+      // below (not with --network-interface: nspawn looks interfaces up through udev, which
+      // hosts without systemd lack); the DNS servers were written above.
+      ...(net ? ['--private-network', '--resolv-conf=off'] : this.#opts.privateNetwork ? ['--private-network'] : []),
       ...(spec.jobTmpfs === undefined ? [] : [`--tmpfs=/builds:${jobTmpfsOptions(root, spec.image.user, spec.jobTmpfs, spec.size.memoryMiB)}`]),
       '--',
       '/bin/sleep',
@@ -107,6 +114,7 @@ export class NspawnDriver implements Driver {
     opts.log.debug({ instance: spec.id, pid }, 'nspawn started');
     try {
       await this.#waitSetUp(pid, dir, opts.signal);
+      if (net) await configureNetwork(containerLeader(pid, PAYLOAD_COMM)!, net);
     } catch (e) {
       await this.stop(pid, dir);
       throw e;
@@ -202,6 +210,31 @@ export class NspawnDriver implements Driver {
     }
     return out;
   }
+}
+
+/**
+ * Gives the container's end of its veth the attachment's address and default route, from the
+ * host with the host's `ip` inside the container's network namespace (the image needs no
+ * iproute2, and nothing in the container runs before its network is up).
+ */
+async function configureNetwork(leaderPid: number, net: GuestNetwork): Promise<void> {
+  await runChecked('ip', ['link', 'set', 'dev', net.peerIf!, 'netns', String(leaderPid)], {
+    code: ErrorCode.MACHINE_START_FAILED,
+    what: `moving ${net.peerIf} into the container`,
+  });
+  const batch = [
+    `link set dev ${net.peerIf} name eth0`,
+    `link set dev eth0 address ${net.mac}`,
+    `address add ${net.address}/${net.prefixLength} dev eth0`,
+    'link set dev lo up',
+    'link set dev eth0 up',
+    `route add default via ${net.gateway} dev eth0`,
+  ].join('\n');
+  await runChecked('nsenter', ['--target', String(leaderPid), '--net', '--', 'ip', '-batch', '-'], {
+    input: batch,
+    code: ErrorCode.MACHINE_START_FAILED,
+    what: "setting up the container's bridged network",
+  });
 }
 
 /**

@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import type { MachineIdentity } from '../types.ts';
+import type { GuestNetwork, MachineIdentity } from '../types.ts';
 import { connectUnixRetrying } from './unix-socket.ts';
 
 // The host's side of the guest's restore agent (images/guest/mayfly-guest-restore): right after
@@ -7,8 +7,19 @@ import { connectUnixRetrying } from './unix-socket.ts';
 // `key value` lines (the private key one line at a time, random bytes in hex), and the guest
 // answers "restored ID" once sshd runs with it.
 
+/**
+ * The guest's static network configuration as `net_*` lines: in the restore message, and as the
+ * fw_cfg item `opt/mayfly/net` for a boot (mayfly-guest-init and mayfly-guest-restore read both).
+ */
+export function networkLines(n: GuestNetwork): string[] {
+  const ipv4 = /^\d{1,3}(\.\d{1,3}){3}$/;
+  for (const a of [n.address, n.gateway, ...n.dns]) if (!ipv4.test(a)) throw new Error(`'${a}' is not an IPv4 address`);
+  if (!/^([0-9a-f]{2}:){5}[0-9a-f]{2}$/.test(n.mac)) throw new Error(`'${n.mac}' is not a MAC address`);
+  return [`net_mac ${n.mac}`, `net_address ${n.address}/${n.prefixLength}`, `net_gateway ${n.gateway}`, ...n.dns.map((d) => `net_dns ${d}`)];
+}
+
 /** The message the guest reads; the time is taken at the last moment, the clock stood still since the save. */
-export function identityMessage(identity: MachineIdentity, now = Date.now()): string {
+export function identityMessage(identity: MachineIdentity, now = Date.now(), network?: GuestNetwork): string {
   const oneLine = (what: string, v: string) => {
     const t = v.trim();
     if (t.includes('\n')) throw new Error(`${what} must be one line`);
@@ -26,13 +37,15 @@ export function identityMessage(identity: MachineIdentity, now = Date.now()): st
     ...identity.hostKey.privateKey.trim().split('\n').map((l) => `host_key_line ${l}`),
     `host_key_pub ${oneLine('the host public key', identity.hostKey.publicKey)}`,
     `authorized_key ${oneLine('the authorized key', identity.authorizedKey)}`,
+    // The clone resumes with the template's (user-mode) address: a bridged clone gets its own.
+    ...(network ? networkLines(network) : []),
     'end',
     '',
   ].join('\n');
 }
 
 /** Sends the identity and waits for the guest's acknowledgement. */
-export async function sendIdentity(socketPath: string, identity: MachineIdentity, timeoutMs = 30_000): Promise<void> {
+export async function sendIdentity(socketPath: string, identity: MachineIdentity, network?: GuestNetwork, timeoutMs = 30_000): Promise<void> {
   const sock = await connectUnixRetrying(socketPath, 5000);
   try {
     await new Promise<void>((resolve, reject) => {
@@ -58,7 +71,7 @@ export async function sendIdentity(socketPath: string, identity: MachineIdentity
         clearTimeout(timer);
         reject(new Error('the restore agent\'s port closed'));
       });
-      sock.write(identityMessage(identity));
+      sock.write(identityMessage(identity, Date.now(), network));
     });
   } finally {
     sock.destroy();

@@ -10,7 +10,7 @@ import { liveProcesses, processAlive } from '../../util/proc.ts';
 import { shellQuote } from '../../util/shell.ts';
 import type { Driver, HostMachine, StartSpec, StartedMachine } from '../types.ts';
 import { chooseAccel, type AccelSetting } from './accel.ts';
-import { sendIdentity } from './agent.ts';
+import { networkLines, sendIdentity } from './agent.ts';
 import { Qmp } from './qmp.ts';
 import { writeNoCloudSeed } from './cloud-init.ts';
 
@@ -81,6 +81,11 @@ export class QemuDriver implements Driver {
       ? ['-device', 'virtio-serial-pci', '-chardev', `socket,id=agent,path=${join(dir, 'agent.sock')},server=on,wait=off`,
         '-device', 'virtserialport,chardev=agent,name=org.mayfly.agent']
       : [];
+    if (spec.network && !(image.identity === 'fw_cfg' && (image.features ?? []).includes('static-net'))) {
+      throw new MayflyError(ErrorCode.NETWORK_CONFIG, `image ${image.name}:${image.version} cannot take a bridged network address (${image.identity === 'fw_cfg' ? 'it was built before bridged networking existed' : 'imported images get their network from cloud-init, which mayfly does not configure for bridged mode yet'})`, {
+        hint: image.identity === 'fw_cfg' ? 'rebuild the image (mayfly image build), or use --network user' : 'use --network user for imported images',
+      });
+    }
     if (spec.restore && !this.canSnapshot(image)) {
       throw new MayflyError(ErrorCode.RESTORE_FAILED, `image ${image.name}:${image.version} cannot be restored from a snapshot (its guest has no restore agent)`, {
         hint: 'images built by this version of mayfly have it: rebuild the image (mayfly image build)',
@@ -90,7 +95,11 @@ export class QemuDriver implements Driver {
     const t0 = Date.now();
     for (let attempt = 1; ; attempt++) {
       ctx.signal?.throwIfAborted();
-      const port = await freePort();
+      // A bridged guest is reached at its own address; user-mode networking forwards a loopback port.
+      const port = spec.network ? 22 : await freePort();
+      const netdev = spec.network
+        ? `tap,id=n0,ifname=${spec.network.hostIf},script=no,downscript=no`
+        : `user,id=n0,hostfwd=tcp:127.0.0.1:${port}-:22`;
       const args = [
         '-name', `${nameTag}${spec.id}`,
         '-M', 'q35',
@@ -104,8 +113,14 @@ export class QemuDriver implements Driver {
         ...(image.kernelPath && image.kernelArgs ? ['-append', kernelArgs(image.kernelArgs, spec.verbose)] : []),
         '-drive', `file=${spec.disk.path},if=none,id=d0,format=qcow2,cache=unsafe,discard=unmap`,
         '-device', 'virtio-blk-pci,drive=d0',
-        '-netdev', `user,id=n0,hostfwd=tcp:127.0.0.1:${port}-:22`,
+        // Only the backend differs between modes: a restored clone needs the template's exact
+        // devices, so the NIC keeps QEMU's default MAC and the guest sets its own (bridged).
+        '-netdev', netdev,
         '-device', 'virtio-net-pci,netdev=n0',
+        // Templates are saved with user-mode networking, whose state is a section of the saved
+        // state that QEMU refuses to load without a slirp to take it: a bridged clone gets one,
+        // connected to nothing and restricted.
+        ...(spec.network && spec.restore ? ['-netdev', 'user,id=template-slirp,restrict=on'] : []),
         '-device', 'virtio-rng-pci',
         // An empty SCSI controller that a job disk is hot-plugged into (attachJobDisk). Present in
         // every machine so that a template and its clones have the same devices; SCSI hotplug
@@ -134,7 +149,7 @@ export class QemuDriver implements Driver {
             throw e;
           }
         }
-        return { pid, ssh: { host: '127.0.0.1', port }, consoleLog, accel: accel.accel };
+        return { pid, ssh: { host: spec.network?.address ?? '127.0.0.1', port }, consoleLog, accel: accel.accel };
       }
       const err = r.stderr.trim();
       if (/host forwarding rule|Address already in use/i.test(err) && attempt < 5) continue;
@@ -182,7 +197,7 @@ export class QemuDriver implements Driver {
     } finally {
       qmp.close();
     }
-    await sendIdentity(join(spec.dir, 'agent.sock'), spec.identity).catch((e: Error) => {
+    await sendIdentity(join(spec.dir, 'agent.sock'), spec.identity, spec.network).catch((e: Error) => {
       throw fail(`the guest did not take its identity: ${e.message}`);
     });
     log.debug({ instance: spec.id, ms: Date.now() - t0 }, 'the guest took its identity');
@@ -252,6 +267,9 @@ export class QemuDriver implements Driver {
       host_key_pub: identity.hostKey.publicKey,
       authorized_keys: identity.authorizedKey + '\n',
     };
+    // A restored clone's guest read fw_cfg at the template's boot and never again: it gets its
+    // address with the identity message instead.
+    if (spec.network && !spec.restore) items.net = networkLines(spec.network).join('\n') + '\n';
     return Object.entries(items).flatMap(([name, value]) => {
       const file = join(dir, `fwcfg-${name}`);
       writeFileSync(file, value, { mode: 0o600 });

@@ -6,7 +6,6 @@ import type { MachineSize } from '../../drivers/index.ts';
 import { ErrorCode, MayflyError, errorText, isMayflyError } from '../../errors.ts';
 import type { Logger } from '../../log.ts';
 import type { Engine } from '../../pool/index.ts';
-import { reap } from '../../pool/reaper.ts';
 import { checkSize, hostLimits, namedSizes, parseSizeLabel } from '../../pool/sizes.ts';
 import { version } from '../../version.ts';
 import { leaseJobMachine, localJobMachine, type JobMachine } from '../job-machine.ts';
@@ -70,7 +69,7 @@ export async function gitlabPrepare(d: ExecutorDeps, o: PrepareOptions): Promise
     const leftovers = await releaseJob(engine, d.config, id.key, d.log);
     for (const l of leftovers) d.err(`mayfly: before preparing: ${l}\n`);
     // Without mayflyd nothing else collects what crashed runners left (expired job records).
-    await reap({ state: engine.state, drivers: engine.drivers, instancesDir: engine.instancesDir, log: d.log });
+    await engine.reap(d.log);
     if (env.job('CI_JOB_SERVICES')) d.err('mayfly: warning: services: are not supported yet; the job runs without them\n');
 
     const pool = o.pool || gl.pool || undefined;
