@@ -13,24 +13,16 @@ import { spawnSync } from 'node:child_process';
 import { defaultConfig } from '../src/config/index.ts';
 import { silentLogger } from '../src/log.ts';
 import { Engine, type StartMode } from '../src/pool/index.ts';
-import { fmt, mayflyBin, printComparison, vmBench } from './lib.ts';
+import { fmt, leaseToFirstOutput, mayflyBin, printComparison, vmBench } from './lib.ts';
 
 const bench = vmBench(5);
 const { runs, dataDir } = bench;
 const size = { cpus: 2, memoryMiB: 1024, diskGiB: 4 };
 
-async function firstOutput(engine: Engine, start: StartMode): Promise<number> {
-  const t0 = performance.now();
-  const lease = await engine.lease({ owner: 'bench', size, start });
-  let first: number | undefined;
-  try {
-    if (lease.machine.restored !== (start === 'restore')) throw new Error(`asked to ${start}, but the machine was ${lease.machine.restored ? 'restored' : 'booted'}`);
-    await lease.machine.guest.exec(['echo', 'first'], { stdout: () => (first ??= performance.now() - t0) });
-  } finally {
-    await lease.release();
-  }
-  if (first === undefined) throw new Error('no output');
-  return first;
+function firstOutput(engine: Engine, start: StartMode): Promise<number> {
+  return leaseToFirstOutput(engine, { owner: 'bench', size, start }, ['echo', 'first'], (m) =>
+    m.restored !== (start === 'restore') ? `asked to ${start}, but the machine was ${m.restored ? 'restored' : 'booted'}` : undefined,
+  );
 }
 
 const engine = new Engine({ dataDir, config: defaultConfig(), log: silentLogger });

@@ -13,24 +13,16 @@ import { spawnSync } from 'node:child_process';
 import { defaultConfig } from '../src/config/index.ts';
 import { silentLogger } from '../src/log.ts';
 import { Engine, type JobDiskMode } from '../src/pool/index.ts';
-import { fmt, mayflyBin, printComparison, vmBench } from './lib.ts';
+import { fmt, leaseToFirstOutput, mayflyBin, printComparison, vmBench } from './lib.ts';
 
 const bench = vmBench(3);
 const { runs, dataDir } = bench;
 const size = { cpus: 2, memoryMiB: 1024, diskGiB: 4 };
 
-async function firstOutput(engine: Engine, jobDisk: JobDiskMode): Promise<number> {
-  const t0 = performance.now();
-  const lease = await engine.lease({ owner: 'bench', size, start: 'restore', jobDisk });
-  let first: number | undefined;
-  try {
-    if (lease.machine.jobDisk !== jobDisk) throw new Error(`asked for ${jobDisk}, got ${lease.machine.jobDisk}`);
-    await lease.machine.guest.exec(['sh', '-c', 'echo first > /builds/f && cat /builds/f'], { stdout: () => (first ??= performance.now() - t0) });
-  } finally {
-    await lease.release();
-  }
-  if (first === undefined) throw new Error('no output');
-  return first;
+function firstOutput(engine: Engine, jobDisk: JobDiskMode): Promise<number> {
+  return leaseToFirstOutput(engine, { owner: 'bench', size, start: 'restore', jobDisk }, ['sh', '-c', 'echo first > /builds/f && cat /builds/f'], (m) =>
+    m.jobDisk !== jobDisk ? `asked for ${jobDisk}, got ${m.jobDisk}` : undefined,
+  );
 }
 
 const engine = new Engine({ dataDir, config: defaultConfig(), log: silentLogger });

@@ -4,6 +4,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { ImageStore } from '../src/images/store.ts';
+import type { Engine, LeaseRequest, Machine } from '../src/pool/index.ts';
 
 // Shared by the benchmarks: summaries and printing. Each bench measures a baseline and mayfly
 // in the same run and prints the ratio of medians.
@@ -102,4 +103,23 @@ export function loopFilesystems(work: string): { make(name: string, mkfs: string
       rmSync(work, { recursive: true, force: true });
     },
   };
+}
+
+/**
+ * Milliseconds from a lease request to the first output of `argv` in the new machine, which is
+ * then released. `check` refuses a machine that is not what the run asked for.
+ */
+export async function leaseToFirstOutput(engine: Engine, req: LeaseRequest, argv: string[], check: (m: Machine) => string | undefined): Promise<number> {
+  const t0 = performance.now();
+  const lease = await engine.lease(req);
+  let first: number | undefined;
+  try {
+    const wrong = check(lease.machine);
+    if (wrong) throw new Error(wrong);
+    await lease.machine.guest.exec(argv, { stdout: () => (first ??= performance.now() - t0) });
+  } finally {
+    await lease.release();
+  }
+  if (first === undefined) throw new Error('no output');
+  return first;
 }

@@ -4,6 +4,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { Config } from '../config/index.ts';
 import { ErrorCode, MayflyError, errorText } from '../errors.ts';
 import type { Logger } from '../log.ts';
+import { takeDirLock } from '../util/lock.ts';
 import { holderAlive } from '../util/proc.ts';
 import { bridgePorts, deleteLink, egressInterfaces, hostNameservers, ip, link, nftApply, nftTableComment, routes, sysctl } from './host.ts';
 import { renderRuleset, renderTeardown, type AttachedPort } from './rules.ts';
@@ -322,32 +323,16 @@ export class BridgedNetwork implements InstanceNetwork {
   async #locked<T>(fn: () => Promise<T>): Promise<T> {
     mkdirSync(this.dir, { recursive: true, mode: 0o700 });
     const lock = join(this.dir, 'lock');
-    const deadline = Date.now() + 60_000;
-    for (;;) {
-      try {
-        mkdirSync(lock);
-        writeFileSync(join(lock, 'pid'), String(process.pid));
-        break;
-      } catch (e) {
-        if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
-        let holder = 0;
-        let since = Date.now();
-        try {
-          holder = Number(readFileSync(join(lock, 'pid'), 'utf8'));
-          since = statSync(lock).mtimeMs;
-        } catch {
-          // just released, or the holder has not written its pid yet
-        }
-        const stale = holder > 0 ? !holderAlive(holder, since) : Date.now() - since > 5000;
-        if (stale) rmSync(lock, { recursive: true, force: true });
-        if (Date.now() > deadline) throw new MayflyError(ErrorCode.NETWORK, `waited a minute for the network lock ${lock} (held by pid ${holder || '?'})`);
-        await sleep(20);
-      }
-    }
+    const release = (await takeDirLock(lock, {
+      timeoutMs: 60_000,
+      pollMs: 20,
+      emptyStaleMs: 5000,
+      timeout: (holder) => new MayflyError(ErrorCode.NETWORK, `waited a minute for the network lock ${lock} (held by pid ${holder || '?'})`),
+    }))!;
     try {
       return await fn();
     } finally {
-      rmSync(lock, { recursive: true, force: true });
+      release();
     }
   }
 }

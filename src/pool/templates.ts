@@ -4,7 +4,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { MachineSize } from '../drivers/types.ts';
 import { ErrorCode, MayflyError, errorText } from '../errors.ts';
 import type { Image } from '../images/store.ts';
-import { holderAlive, processAlive } from '../util/proc.ts';
+import { takeDirLock } from '../util/lock.ts';
+import { processAlive } from '../util/proc.ts';
 import { Machine, type MachineDeps } from './machine.ts';
 
 // Snapshot templates: for an image version and a machine size, one machine booted once,
@@ -86,29 +87,18 @@ export class Templates {
       });
     }
     mkdirSync(join(dir, '..'), { recursive: true });
-    const lock = `${dir}.lock`;
-    // Waiting longer than a maker can take means something is wrong: boot instead.
-    const deadline = Date.now() + 15 * 60_000;
-    for (;;) {
-      signal?.throwIfAborted();
-      try {
-        mkdirSync(lock);
-        writeFileSync(join(lock, 'pid'), String(process.pid));
-        break;
-      } catch (e) {
-        if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
-        // Another process makes it; take over only when that process is gone (a pid file still
-        // empty after 10 s belongs to a maker killed as it took the lock).
-        const holder = Number(readFileOr(join(lock, 'pid'), '0'));
-        const since = mtimeOr(lock);
-        const stale = holder > 0 ? !holderAlive(holder, since) : Date.now() - since > 10_000;
-        if (stale) rmSync(lock, { recursive: true, force: true });
-        if (Date.now() > deadline) throw new MayflyError(ErrorCode.SNAPSHOT_FAILED, `waited 15 min for another process to make ${dir}`);
-        await sleep(500);
-        const made = await this.find(image, size);
-        if (made) return made;
-      }
-    }
+    let made: Template | undefined;
+    const release = await takeDirLock(`${dir}.lock`, {
+      // Waiting longer than a maker can take means something is wrong: boot instead.
+      timeoutMs: 15 * 60_000,
+      timeout: () => new MayflyError(ErrorCode.SNAPSHOT_FAILED, `waited 15 min for another process to make ${dir}`),
+      pollMs: 500,
+      // A pid file still empty after 10 s belongs to a maker killed as it took the lock.
+      emptyStaleMs: 10_000,
+      signal,
+      stopWaiting: async () => (made = await this.find(image, size)) !== undefined,
+    });
+    if (!release) return made!;
     try {
       return (await this.find(image, size)) ?? (await this.#make(image, size, signal));
     } catch (e) {
@@ -118,7 +108,7 @@ export class Templates {
       }
       throw e;
     } finally {
-      rmSync(lock, { recursive: true, force: true });
+      release();
     }
   }
 
@@ -258,14 +248,6 @@ interface FailureRecord {
   compat: Record<string, string>;
   at: number;
   reason: string;
-}
-
-function mtimeOr(path: string): number {
-  try {
-    return statSync(path).mtimeMs;
-  } catch {
-    return Date.now();
-  }
 }
 
 function readFileOr(path: string, fallback: string): string {
