@@ -174,6 +174,8 @@ export const configSections = {
     /** Containers get only a loopback interface instead of sharing the host's network. */
     private_network: z.boolean().default(false),
     start_timeout: int(1, 600, 30), // seconds
+    /** Most processes (threads) one container may have at once: a fork bomb stops there. */
+    pids_max: int(64, 4194304, 8192),
   }),
   images: section({
     recipe_dirs: z.array(z.string().refine((p) => isAbsolute(p), 'must be an absolute path')).default([]),

@@ -84,7 +84,7 @@ export interface Driver {
   /** Stops the machine process; succeeds when it is already gone. */
   stop(pid: number | null, dir: string): Promise<void>;
   /** Kills the machine process at once, synchronously (a last resort on exit). */
-  killNow(pid: number, dir: string): void;
+  killNow(pid: number | null, dir: string): void;
   consoleTail(dir: string, lines: number): string;
   listHost(): HostMachine[];
   /** Whether machines of this image can be saved and restored (the image's guest has the restore agent). */

@@ -3,6 +3,7 @@ import { createReadStream, readdirSync, readFileSync, readlinkSync, writeFileSyn
 import type { Readable } from 'node:stream';
 import { ErrorCode, MayflyError, errorText } from '../errors.ts';
 import { findOnPath } from '../util/exec.ts';
+import { processAlive } from '../util/proc.ts';
 import { captureOutput, pipeOut, remoteCommand, signalNumbers, type ExecOptions, type ExecResult, type GuestChannel } from './channel.ts';
 
 // The container guest channel: each command is a process entered into the container with
@@ -159,7 +160,8 @@ export class NsenterChannel implements GuestChannel {
       '/bin/sh',
       [
         '-c',
-        `${this.#target.joinCgroups} && exec "$@"`,
+        // 255 when the container's cgroups are gone with it (then reported as the container's failure, below).
+        `${this.#target.joinCgroups} || exit 255; exec "$@"`,
         'sh',
         nsenter(),
         '-t', String(this.#target.leaderPid), '-a',
@@ -190,7 +192,15 @@ export class NsenterChannel implements GuestChannel {
       child.once('exit', (code, sig) => {
         const name = sig ? sig.replace(/^SIG/, '') : null;
         const result = { exitCode: code ?? 128 + (signalNumbers[name ?? ''] ?? 1), code, signal: name };
-        const done = () => finish(() => resolve(result));
+        // A command that failed because the container went away (or could not be entered) is
+        // the machine's failure, not the job's: its code must not pass for the job's own.
+        const gone = result.exitCode !== 0 && !processAlive(this.#target.leaderPid);
+        const done = () =>
+          finish(() =>
+            gone
+              ? reject(new MayflyError(ErrorCode.GUEST_CHANNEL, `the container stopped while running a command (exit ${result.exitCode})`))
+              : resolve(result),
+          );
         if (child.stdout!.readableEnded && child.stderr!.readableEnded) return done();
         const timer = setTimeout(() => {
           child.stdout!.destroy();

@@ -10,6 +10,7 @@ import { lastLines, requireTool, run, runChecked } from '../util/exec.ts';
 import { shellQuote } from '../util/shell.ts';
 import { fetchVerified } from './fetch.ts';
 import { createBaseDir } from '../storage/index.ts';
+import { CONTAINER_ID_BASE, shiftOwnership } from './id-shift.ts';
 import { containerBasePackages, vmBasePackages, type Recipe } from './recipe.ts';
 import type { Image, ImageStore } from './store.ts';
 
@@ -201,7 +202,8 @@ async function publishContainer(
   packages: string[],
   ctx: { progress: Progress; log: Logger; logLine: (l: string) => void; started: number; work: string },
 ): Promise<Image> {
-  ctx.progress.step('measure the root directory and its content id');
+  ctx.progress.step('shift owners into the containers\' user namespace range, measure, content id');
+  shiftOwnership(rootfs, CONTAINER_ID_BASE);
   const used = Number((await runChecked('du', ['-sxb', rootfs])).stdout.split(/\s/)[0]);
   const id = await treeId(rootfs);
   ctx.logLine(`content id ${id}, built in ${((Date.now() - ctx.started) / 1000).toFixed(1)} s`);
@@ -218,6 +220,7 @@ async function publishContainer(
     kernelArgs: null,
     diskVirtualBytes: used,
     identity: 'files',
+    idShift: CONTAINER_ID_BASE,
     features: [],
     user: 'ci',
   });

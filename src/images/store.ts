@@ -36,6 +36,11 @@ export interface ImageManifest {
   identity: 'fw_cfg' | 'cloud-init' | 'files';
   /** The unprivileged user jobs run as. */
   user: string;
+  /**
+   * Containers only: the host uid/gid the image's owners are shifted by (its files belong to
+   * BASE+uid on the host); containers run in a user namespace mapping 0..65535 there.
+   */
+  idShift?: number;
   /** What the guest can do beyond booting: "restore-agent" (snapshot restore; images built since it exists). */
   features?: string[];
 }

@@ -6,6 +6,7 @@ import { processAlive } from '../util/proc.ts';
 import { run, runChecked } from '../util/exec.ts';
 import { createBaseDir } from '../storage/base-dir.ts';
 import { contentId, findKernel, treeId } from './build.ts';
+import { CONTAINER_ID_BASE, shiftOwnership } from './id-shift.ts';
 import type { Image, ImageManifest, ImageStore } from './store.ts';
 
 // A writable copy of an image version's root filesystem, and publishing such a copy as the
@@ -156,9 +157,13 @@ export const containerRoot: RootKind = {
 
   async seal(w) {
     await unmountAll(w.root);
+    // What the work created as the host's root (a chroot is not in the containers' user
+    // namespace) is shifted like the rest of the image.
+    const idShift = w.image.idShift ?? CONTAINER_ID_BASE;
+    shiftOwnership(w.root, idShift);
     // The same content id and size measure as a container build (build.ts).
     const used = Number((await runChecked('du', ['-sxb', w.root])).stdout.split(/\s/)[0]);
-    return { id: await treeId(w.root), diskVirtualBytes: used };
+    return { id: await treeId(w.root), diskVirtualBytes: used, idShift };
   },
 };
 

@@ -84,6 +84,7 @@ export class Engine {
       binary: opts.config.nspawn.binary,
       privateNetwork: opts.config.nspawn.private_network,
       startTimeoutMs: opts.config.nspawn.start_timeout * 1000,
+      pidsMax: opts.config.nspawn.pids_max,
     });
     this.storage = qcow2Overlay;
     // Checked now, so that a bad [network] section fails before anything starts.

@@ -307,9 +307,10 @@ export class Machine {
    */
   static killAllNow(): void {
     for (const m of live) {
-      if (m.started?.pid) m.#deps.driver.killNow(m.started.pid, m.dir);
-      // A mounted clone (overlayfs) cannot be unmounted synchronously: the reaper removes it.
-      if (mountsUnder(m.dir).length === 0) rmSync(m.dir, { recursive: true, force: true });
+      m.#deps.driver.killNow(m.started?.pid ?? null, m.dir);
+      // A mounted clone (overlayfs) cannot be unmounted synchronously, and a container's dir
+      // names its cgroups: both are left to the reaper (the record stays and explains them).
+      if (m.image.kind !== 'container' && mountsUnder(m.dir).length === 0) rmSync(m.dir, { recursive: true, force: true });
     }
     live.clear();
   }

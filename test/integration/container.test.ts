@@ -69,6 +69,19 @@ describe('containers (systemd-nspawn)', { timeout: 900_000 }, () => {
     assertNothingLeft();
   });
 
+  test('root in a container is root only in its own user namespace: no host privilege, even with sudo', async () => {
+    const script = [
+      'sudo -n id -u',
+      'tr -s " " < /proc/self/uid_map',
+      'if sudo -n mknod /tmp/disk b 8 0 2>/dev/null; then echo mknod allowed; else echo mknod refused; fi',
+      'if sudo -n chattr +i /builds 2>/dev/null; then echo chattr allowed; else echo chattr refused; fi',
+    ].join('; ');
+    const r = await mayfly(['run', '--image', IMAGE, '--', 'sh', '-c', script]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.stdout, ['0', ` 0 ${0x70000000} 65536`, 'mknod refused', 'chattr refused', ''].join('\n'));
+    assertNothingLeft();
+  });
+
   test('limits: a memory hog is killed at the size\'s memory limit; the CPU quota is the size\'s', async () => {
     const engine = engineWith();
     const lease = await engine.lease({ image: IMAGE, size: { cpus: 1, memoryMiB: 256 }, owner: 'test: limits' });

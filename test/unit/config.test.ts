@@ -22,7 +22,7 @@ function writeFile(name: string, text: string): string {
 const DEFAULTS: Config = {
   defaults: { image: 'debian-12', cpus: 2, memory: 1024, disk: 4, start: 'restore', job_disk: 'plain', job_tmpfs_size: '50%', network: 'user' },
   qemu: { binary: 'qemu-system-x86_64', accel: 'auto', boot_timeout: 120, boot_retries: 1, tcg_tb_size: 64 },
-  nspawn: { binary: 'systemd-nspawn', private_network: false, start_timeout: 30 },
+  nspawn: { binary: 'systemd-nspawn', private_network: false, start_timeout: 30, pids_max: 8192 },
   images: { recipe_dirs: [], keep_versions: 3, start: {}, rebuild: {}, gc_interval: 3600 },
   log: { level: 'info' },
   storage: { backend: 'auto', instances_dir: '' },

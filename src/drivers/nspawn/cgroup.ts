@@ -61,37 +61,51 @@ function makeDir(dir: string): void {
   }
 }
 
-/** Makes the instance's cgroups with the size's memory and CPU limits. */
-export function createInstanceCgroups(id: string, size: MachineSize): InstanceCgroups {
-  const memoryBytes = String(size.memoryMiB * 1024 * 1024);
-  const quota = String(size.cpus * CPU_PERIOD_US);
-  if (isV2Only()) {
-    const parent = join(ROOT, 'mayfly');
-    makeDir(parent);
-    // A cgroup's children only get the controllers enabled in its subtree_control.
-    for (const c of ['memory', 'cpu', 'pids']) {
-      try {
-        writeFileSync(join(ROOT, 'cgroup.subtree_control'), `+${c}`);
-        writeFileSync(join(parent, 'cgroup.subtree_control'), `+${c}`);
-      } catch {
-        // checked below through the files the controller provides
-      }
-    }
-    const dir = join(parent, id);
-    makeDir(dir);
-    if (!existsSync(join(dir, 'memory.max'))) {
-      throw new MayflyError(ErrorCode.MACHINE_START_FAILED, `the memory controller is not available in ${parent}`, {
-        hint: 'enable it: echo +memory > /sys/fs/cgroup/cgroup.subtree_control',
-      });
-    }
-    write(join(dir, 'memory.max'), memoryBytes);
-    write(join(dir, 'memory.swap.max'), '0');
-    write(join(dir, 'cpu.max'), `${quota} ${CPU_PERIOD_US}`);
-    return { dirs: [dir], procsDir: dir };
+/**
+ * Makes the instance's cgroups with the size's memory and CPU limits and a cap on its number of
+ * processes (a fork bomb stops there). On failure nothing of them is left.
+ */
+export function createInstanceCgroups(id: string, size: MachineSize, pidsMax: number): InstanceCgroups {
+  const made: string[] = [];
+  try {
+    return isV2Only() ? createV2(id, size, pidsMax, made) : createV1(id, size, pidsMax, made);
+  } catch (e) {
+    for (const d of made.reverse()) removeCgroupTree(d);
+    throw e;
   }
+}
+
+function createV2(id: string, size: MachineSize, pidsMax: number, made: string[]): InstanceCgroups {
+  const parent = join(ROOT, 'mayfly');
+  makeDir(parent);
+  // A cgroup's children only get the controllers enabled in its subtree_control.
+  for (const c of ['memory', 'cpu', 'pids']) {
+    try {
+      writeFileSync(join(ROOT, 'cgroup.subtree_control'), `+${c}`);
+      writeFileSync(join(parent, 'cgroup.subtree_control'), `+${c}`);
+    } catch {
+      // checked below through the files the controller provides
+    }
+  }
+  const dir = join(parent, id);
+  makeDir(dir);
+  made.push(dir);
+  if (!existsSync(join(dir, 'memory.max'))) {
+    throw new MayflyError(ErrorCode.MACHINE_START_FAILED, `the memory controller is not available in ${parent}`, {
+      hint: 'enable it: echo +memory > /sys/fs/cgroup/cgroup.subtree_control',
+    });
+  }
+  write(join(dir, 'memory.max'), String(size.memoryMiB * 1024 * 1024));
+  // Without swap accounting the file is missing; memory.max is then the whole bound.
+  if (existsSync(join(dir, 'memory.swap.max'))) write(join(dir, 'memory.swap.max'), '0');
+  write(join(dir, 'cpu.max'), `${size.cpus * CPU_PERIOD_US} ${CPU_PERIOD_US}`);
+  if (existsSync(join(dir, 'pids.max'))) write(join(dir, 'pids.max'), String(pidsMax));
+  return { dirs: [dir], procsDir: dir };
+}
+
+function createV1(id: string, size: MachineSize, pidsMax: number, made: string[]): InstanceCgroups {
   const own = ownCgroups();
-  const mountOf: Record<string, string> = { memory: 'memory', cpu: 'cpu', 'name=systemd': 'systemd', '': 'unified' };
-  const dirs: string[] = [];
+  const mountOf: Record<string, string> = { memory: 'memory', cpu: 'cpu', pids: 'pids', 'name=systemd': 'systemd', '': 'unified' };
   for (const [name, mount] of Object.entries(mountOf)) {
     const base = join(ROOT, mount);
     if (!existsSync(join(base, 'cgroup.procs'))) {
@@ -104,16 +118,20 @@ export function createInstanceCgroups(id: string, size: MachineSize): InstanceCg
     }
     const dir = join(base, own.get(name) ?? '/', `mayfly-${id}`);
     makeDir(dir);
-    dirs.push(dir);
+    made.push(dir);
   }
-  const memory = dirs.find((d) => d.startsWith(join(ROOT, 'memory') + '/'))!;
-  const cpu = dirs.find((d) => d.startsWith(join(ROOT, 'cpu') + '/'))!;
+  const under = (mount: string) => made.find((d) => d.startsWith(join(ROOT, mount) + '/'));
+  const memory = under('memory')!;
+  const cpu = under('cpu')!;
+  const pids = under('pids');
+  const memoryBytes = String(size.memoryMiB * 1024 * 1024);
   write(join(memory, 'memory.limit_in_bytes'), memoryBytes);
   // Without swap accounting the file is missing; the limit above is then the whole bound.
   if (existsSync(join(memory, 'memory.memsw.limit_in_bytes'))) write(join(memory, 'memory.memsw.limit_in_bytes'), memoryBytes);
   write(join(cpu, 'cpu.cfs_period_us'), String(CPU_PERIOD_US));
-  write(join(cpu, 'cpu.cfs_quota_us'), quota);
-  return { dirs, procsDir: memory };
+  write(join(cpu, 'cpu.cfs_quota_us'), String(size.cpus * CPU_PERIOD_US));
+  if (pids) write(join(pids, 'pids.max'), String(pidsMax));
+  return { dirs: [...made], procsDir: memory };
 }
 
 /** A `sh -c` prelude that moves the shell into the instance's cgroups before it execs the command. */

@@ -1,10 +1,11 @@
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { closeSync, existsSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, fchownSync, lstatSync, openSync, readFileSync, renameSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ErrorCode, MayflyError, errorText } from '../../errors.ts';
 import { containerLeader } from '../../guest/nsenter.ts';
+import { CONTAINER_ID_RANGE } from '../../images/id-shift.ts';
 import type { Logger } from '../../log.ts';
 import { fileTail, findOnPath, runChecked } from '../../util/exec.ts';
 import { liveProcesses, processAlive } from '../../util/proc.ts';
@@ -24,6 +25,8 @@ export interface NspawnDriverOptions {
   privateNetwork: boolean;
   /** How long a container may take to come up. */
   startTimeoutMs: number;
+  /** Most processes (threads) a container may have at once. */
+  pidsMax: number;
 }
 
 /** The payload's command name, by which readiness and `listHost` recognize a set-up container. */
@@ -64,17 +67,26 @@ export class NspawnDriver implements Driver {
     const binary = this.#binary();
     const root = spec.disk.path;
     const { dir } = spec;
-    // The clone is fresh and nothing has run in it yet: its identity can be written directly.
-    writeFileSync(join(root, 'etc', 'hostname'), `${spec.identity.hostname}\n`);
-    writeFileSync(join(root, 'etc', 'machine-id'), `${randomBytes(16).toString('hex')}\n`);
+    const idShift = spec.image.idShift;
+    if (idShift === undefined) {
+      throw new MayflyError(ErrorCode.MACHINE_START_FAILED, `image ${spec.image.name}:${spec.image.version} predates user namespaces for containers`, {
+        hint: `rebuild it (mayfly image build ${spec.image.name}) or maintain it (mayfly image maintain ${spec.image.name})`,
+      });
+    }
+    // The clone is fresh and nothing has run in it yet: its identity is written directly.
+    const etcFile = (name: string, text: string) => writeCloneFile(root, name, text, idShift);
+    etcFile('hostname', `${spec.identity.hostname}\n`);
+    etcFile('machine-id', `${randomBytes(16).toString('hex')}\n`);
     // sudo and friends resolve the host name.
+    etcFile('hosts', `127.0.0.1\tlocalhost\n127.0.1.1\t${spec.identity.hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n`);
     const net = spec.network;
     if (net && !net.peerIf) throw new MayflyError(ErrorCode.MACHINE_START_FAILED, `containers need a veth on the bridge, got ${net.hostIf} alone`);
-    if (net) writeFileSync(join(root, 'etc', 'resolv.conf'), net.dns.map((d) => `nameserver ${d}\n`).join(''));
-    writeFileSync(join(root, 'etc', 'hosts'), `127.0.0.1\tlocalhost\n127.0.1.1\t${spec.identity.hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n`);
+    if (net) etcFile('resolv.conf', net.dns.map((d) => `nameserver ${d}\n`).join(''));
 
-    const cgroups = createInstanceCgroups(spec.id, spec.size);
-    writeFileSync(join(dir, CGROUPS_FILE), JSON.stringify(cgroups));
+    const cgroups = createInstanceCgroups(spec.id, spec.size, this.#opts.pidsMax);
+    // Whole or not at all: a half-written file would leave cgroups nothing can find to remove.
+    writeFileSync(join(dir, `${CGROUPS_FILE}.tmp`), JSON.stringify(cgroups));
+    renameSync(join(dir, `${CGROUPS_FILE}.tmp`), join(dir, CGROUPS_FILE));
     const consoleLog = join(dir, 'console.log');
     const args = [
       '--quiet',
@@ -85,11 +97,15 @@ export class NspawnDriver implements Driver {
       `--hostname=${spec.identity.hostname}`,
       '--as-pid2',
       '--console=pipe',
+      // Root in the container (and every command entered into it) is root only in its own user
+      // namespace; the image's files are stored shifted into this range (images/id-shift.ts).
+      `--private-users=${idShift}:${CONTAINER_ID_RANGE}`,
+      '--private-users-ownership=off',
       // Bridged: a network namespace of its own, into which the veth's container end is moved
       // below (not with --network-interface: nspawn looks interfaces up through udev, which
       // hosts without systemd lack); the DNS servers were written above.
       ...(net ? ['--private-network', '--resolv-conf=off'] : this.#opts.privateNetwork ? ['--private-network'] : []),
-      ...(spec.jobTmpfs === undefined ? [] : [`--tmpfs=/builds:${jobTmpfsOptions(root, spec.image.user, spec.jobTmpfs, spec.size.memoryMiB)}`]),
+      ...(spec.jobTmpfs === undefined ? [] : [`--tmpfs=/builds:${jobTmpfsOptions(spec.jobTmpfs, spec.size.memoryMiB)}`]),
       '--',
       '/bin/sleep',
       'infinity',
@@ -114,7 +130,15 @@ export class NspawnDriver implements Driver {
     opts.log.debug({ instance: spec.id, pid }, 'nspawn started');
     try {
       await this.#waitSetUp(pid, dir, opts.signal);
-      if (net) await configureNetwork(containerLeader(pid, PAYLOAD_COMM)!, net);
+      const leader = containerLeader(pid, PAYLOAD_COMM)!;
+      if (net) await configureNetwork(leader, net);
+      if (spec.jobTmpfs !== undefined) {
+        // As the container's root (its user namespace: no power outside it), before any job runs.
+        await runChecked('nsenter', ['--target', String(leader), '--all', '--', 'chown', `${spec.image.user}:`, '/builds'], {
+          code: ErrorCode.MACHINE_START_FAILED,
+          what: `giving the job tmpfs to ${spec.image.user}`,
+        });
+      }
     } catch (e) {
       await this.stop(pid, dir);
       throw e;
@@ -174,9 +198,9 @@ export class NspawnDriver implements Driver {
     rmSync(join(PROPAGATE_DIR, basename(dir)), { recursive: true, force: true });
   }
 
-  killNow(pid: number, dir: string): void {
+  killNow(pid: number | null, dir: string): void {
     const cgroups = readCgroups(dir);
-    const pids = cgroups ? instanceProcesses(cgroups) : this.#isOurs(pid, dir) ? [pid] : [];
+    const pids = cgroups ? instanceProcesses(cgroups) : pid !== null && this.#isOurs(pid, dir) ? [pid] : [];
     for (const p of pids) {
       try {
         process.kill(p, 'SIGKILL');
@@ -202,7 +226,8 @@ export class NspawnDriver implements Driver {
   listHost(): HostMachine[] {
     const out: HostMachine[] = [];
     for (const { pid, argv } of liveProcesses()) {
-      if (basename(argv[0] ?? '') !== 'systemd-nspawn' || !argv.includes('--as-pid2')) continue;
+      const name = basename(argv[0] ?? '');
+      if ((name !== 'systemd-nspawn' && name !== basename(this.#opts.binary)) || !argv.includes('--as-pid2')) continue;
       const d = argv.find((a) => a.startsWith('--directory='))?.slice('--directory='.length);
       if (!d || basename(d) !== 'root') continue;
       const instanceDir = dirname(d);
@@ -238,16 +263,33 @@ async function configureNetwork(leaderPid: number, net: GuestNetwork): Promise<v
 }
 
 /**
- * Mount options for the job's tmpfs: owned by the job user (looked up in the fresh clone, which
- * no job has touched yet), sized in bytes (a percentage is of the container's memory, not the host's).
+ * Mount options for the job's tmpfs, sized in bytes (a percentage is of the container's memory,
+ * not the host's). nspawn makes the container's root own it, whatever the options say; the job
+ * user gets it right after the start.
  */
-export function jobTmpfsOptions(root: string, user: string, size: string, memoryMiB: number): string {
-  const entry = readFileSync(join(root, 'etc', 'passwd'), 'utf8').split('\n').find((l) => l.startsWith(`${user}:`));
-  const [, , uid, gid] = entry?.split(':') ?? [];
-  if (!uid || !gid) throw new MayflyError(ErrorCode.MACHINE_START_FAILED, `the image has no user '${user}' to own the job tmpfs`);
+export function jobTmpfsOptions(size: string, memoryMiB: number): string {
   const pct = /^(\d+)%$/.exec(size);
   const bytes = pct ? Math.floor((memoryMiB * 1024 * 1024 * Number(pct[1])) / 100) : size;
-  return `mode=0755,uid=${uid},gid=${gid},size=${bytes}`;
+  return `mode=0755,size=${bytes}`;
+}
+
+/**
+ * Writes /etc/NAME of a fresh clone, owned by the container's root. Never through a symlink (an
+ * image may link /etc/resolv.conf elsewhere: written on the host that would be a host file):
+ * whatever is there is replaced by a new regular file.
+ */
+function writeCloneFile(root: string, name: string, text: string, idShift: number): void {
+  const etc = join(root, 'etc');
+  if (!lstatSync(etc).isDirectory()) throw new MayflyError(ErrorCode.MACHINE_START_FAILED, `${etc} in the image is not a directory`);
+  const path = join(etc, name);
+  rmSync(path, { force: true });
+  const fd = openSync(path, 'wx', 0o644);
+  try {
+    writeSync(fd, text);
+    fchownSync(fd, idShift, idShift);
+  } finally {
+    closeSync(fd);
+  }
 }
 
 function readPid(dir: string): number | null {
@@ -269,7 +311,15 @@ function readCgroups(dir: string): InstanceCgroups | undefined {
 
 /** How a channel reaches a container this driver started: its init and its cgroups. */
 export function containerTarget(pid: number, dir: string): { leaderPid: number; joinCgroups: string } {
-  const leaderPid = containerLeader(pid, PAYLOAD_COMM);
+  // The recorded pid must still be this instance's nspawn (not a reused pid of something else).
+  const ours = (() => {
+    try {
+      return readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(`--directory=${dir}/`);
+    } catch {
+      return false;
+    }
+  })();
+  const leaderPid = ours ? containerLeader(pid, PAYLOAD_COMM) : undefined;
   const cgroups = readCgroups(dir);
   if (leaderPid === undefined || !cgroups) {
     throw new MayflyError(ErrorCode.GUEST_CHANNEL, `the container in ${dir} is not running`, {

@@ -315,9 +315,9 @@ export class QemuDriver implements Driver {
     }
   }
 
-  killNow(pid: number, dir: string): void {
+  killNow(pid: number | null, dir: string): void {
     try {
-      if (this.#isOurs(pid, dir)) process.kill(pid, 'SIGKILL');
+      if (pid !== null && this.#isOurs(pid, dir)) process.kill(pid, 'SIGKILL');
     } catch {
       // already gone
     }
