@@ -55,7 +55,14 @@ export async function bridgePorts(bridge: string): Promise<LinkInfo[]> {
 }
 
 export async function deleteLink(name: string): Promise<void> {
-  if (await link(name)) await ip('link', 'del', 'dev', name);
+  if (!(await link(name))) return;
+  try {
+    await ip('link', 'del', 'dev', name);
+  } catch (e) {
+    // A container's veth goes away by itself once its network namespace is torn down, which
+    // the kernel finishes asynchronously after the container's last process: gone is done.
+    if (await link(name)) throw e;
+  }
 }
 
 /** Sets a sysctl under /proc/sys; returns the value it had. */
