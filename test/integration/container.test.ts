@@ -19,8 +19,15 @@ import { ensureImage, instanceDirs, mayfly, mayflyBin, processesMentioning, star
 
 const IMAGE = 'debian-12-container';
 
-/** The instance cgroups mayfly made anywhere under /sys/fs/cgroup (none may outlive a container). */
+/** Instance cgroups that existed before this file ran (another mayfly on the host): not ours to judge. */
+let foreignCgroups = new Set<string>();
+
+/** The instance cgroups mayfly made under /sys/fs/cgroup since this file started (none may outlive a container). */
 function mayflyCgroups(): string[] {
+  return allMayflyCgroups().filter((d) => !foreignCgroups.has(d));
+}
+
+function allMayflyCgroups(): string[] {
   const found: string[] = [];
   const walk = (dir: string, depth: number) => {
     let entries: string[];
@@ -54,6 +61,7 @@ function engineWith(patch: (c: Config) => void = () => {}): Engine {
 
 describe('containers (systemd-nspawn)', { timeout: 900_000 }, () => {
   before(async () => {
+    foreignCgroups = new Set(allMayflyCgroups());
     await ensureImage(IMAGE);
   });
 
