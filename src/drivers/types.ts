@@ -1,5 +1,6 @@
 import type { Image } from '../images/store.ts';
 import type { Logger } from '../log.ts';
+import type { Attachment } from '../network/index.ts';
 import type { Clone } from '../storage/types.ts';
 
 // Every machine driver (QEMU today; nspawn, Cloud Hypervisor, Firecracker later) implements
@@ -21,20 +22,11 @@ export interface MachineIdentity {
 }
 
 /**
- * A bridged network attachment (src/network) as a driver needs it: the host interface to use,
- * and the static configuration the guest must apply. Absent: user-mode networking.
+ * A bridged network attachment (src/network) as a driver needs it: the host interface to use
+ * (a TAP, or a veth whose other end the driver moves into the container), and the static
+ * configuration the guest must apply. Absent: user-mode networking.
  */
-export interface GuestNetwork {
-  /** The TAP on the bridge (QEMU) or the veth's host end (containers). */
-  hostIf: string;
-  /** veth only: the container's end, still in the host's namespace until the driver moves it in. */
-  peerIf?: string;
-  mac: string;
-  address: string;
-  prefixLength: number;
-  gateway: string;
-  dns: string[];
-}
+export type GuestNetwork = Omit<Attachment, 'id' | 'kind'>;
 
 export interface StartSpec {
   id: string;

@@ -50,3 +50,12 @@ export function liveProcesses(): { pid: number; argv: string[] }[] {
   }
   return out;
 }
+
+/** Whether process `pid`'s command line contains `needle` (guards against acting on a reused pid). */
+export function cmdlineIncludes(pid: number, needle: string): boolean {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(needle);
+  } catch {
+    return false;
+  }
+}

@@ -8,7 +8,7 @@ import { containerLeader } from '../../guest/nsenter.ts';
 import { CONTAINER_ID_RANGE } from '../../images/id-shift.ts';
 import type { Logger } from '../../log.ts';
 import { fileTail, findOnPath, runChecked } from '../../util/exec.ts';
-import { liveProcesses, processAlive } from '../../util/proc.ts';
+import { cmdlineIncludes, liveProcesses, processAlive } from '../../util/proc.ts';
 import type { Driver, GuestNetwork, HostMachine, StartSpec, StartedMachine } from '../types.ts';
 import { createInstanceCgroups, destroyInstanceCgroups, instanceProcesses, joinCgroupsScript, type InstanceCgroups } from './cgroup.ts';
 
@@ -212,11 +212,7 @@ export class NspawnDriver implements Driver {
 
   /** Guards against killing a recycled pid that now belongs to some other program. */
   #isOurs(pid: number, dir: string): boolean {
-    try {
-      return readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(`--directory=${dir}/`);
-    } catch {
-      return false;
-    }
+    return cmdlineIncludes(pid, `--directory=${dir}/`);
   }
 
   consoleTail(dir: string, lines: number): string {
@@ -312,14 +308,7 @@ function readCgroups(dir: string): InstanceCgroups | undefined {
 /** How a channel reaches a container this driver started: its init and its cgroups. */
 export function containerTarget(pid: number, dir: string): { leaderPid: number; joinCgroups: string } {
   // The recorded pid must still be this instance's nspawn (not a reused pid of something else).
-  const ours = (() => {
-    try {
-      return readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(`--directory=${dir}/`);
-    } catch {
-      return false;
-    }
-  })();
-  const leaderPid = ours ? containerLeader(pid, PAYLOAD_COMM) : undefined;
+  const leaderPid = cmdlineIncludes(pid, `--directory=${dir}/`) ? containerLeader(pid, PAYLOAD_COMM) : undefined;
   const cgroups = readCgroups(dir);
   if (leaderPid === undefined || !cgroups) {
     throw new MayflyError(ErrorCode.GUEST_CHANNEL, `the container in ${dir} is not running`, {

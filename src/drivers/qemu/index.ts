@@ -6,7 +6,7 @@ import { ErrorCode, MayflyError } from '../../errors.ts';
 import type { Image } from '../../images/store.ts';
 import { silentLogger, type Logger } from '../../log.ts';
 import { fileTail, lastLines, requireTool, run } from '../../util/exec.ts';
-import { liveProcesses, processAlive } from '../../util/proc.ts';
+import { cmdlineIncludes, liveProcesses, processAlive } from '../../util/proc.ts';
 import { shellQuote } from '../../util/shell.ts';
 import type { Driver, HostMachine, StartSpec, StartedMachine } from '../types.ts';
 import { chooseAccel, type AccelSetting } from './accel.ts';
@@ -325,11 +325,7 @@ export class QemuDriver implements Driver {
 
   /** Guards against killing a recycled pid that now belongs to some other program. */
   #isOurs(pid: number, dir: string): boolean {
-    try {
-      return readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(dir);
-    } catch {
-      return false;
-    }
+    return cmdlineIncludes(pid, dir);
   }
 
   consoleTail(dir: string, lines: number): string {
