@@ -45,7 +45,13 @@ function allMayflyCgroups(): string[] {
   return found;
 }
 
+/** nspawn's per-root lock files in /run: a container that is gone must not leave its own. */
+const LOCKS = '/run/systemd/nspawn/locks';
+let foreignLocks = new Set<string>();
+const nspawnLocks = (): string[] => (existsSync(LOCKS) ? readdirSync(LOCKS) : []).filter((f) => !foreignLocks.has(f));
+
 function assertNothingLeft(): void {
+  assert.deepEqual(nspawnLocks(), [], 'no nspawn lock is left in /run');
   const instances = join(testDataDir(), 'instances');
   assert.deepEqual(instanceDirs(), []);
   assert.deepEqual(processesMentioning(instances), []);
@@ -62,6 +68,7 @@ function engineWith(patch: (c: Config) => void = () => {}): Engine {
 describe('containers (systemd-nspawn)', { timeout: 900_000 }, () => {
   before(async () => {
     foreignCgroups = new Set(allMayflyCgroups());
+    foreignLocks = new Set(existsSync(LOCKS) ? readdirSync(LOCKS) : []);
     await ensureImage(IMAGE);
   });
 

@@ -1,6 +1,6 @@
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { closeSync, existsSync, fchownSync, lstatSync, openSync, readFileSync, renameSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, fchownSync, lstatSync, openSync, readFileSync, renameSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ErrorCode, MayflyError, errorText } from '../../errors.ts';
@@ -35,6 +35,7 @@ const CGROUPS_FILE = 'cgroups.json';
 const PID_FILE = 'nspawn.pid';
 /** nspawn leaves this per machine name on the host when it cannot clean up after itself. */
 const PROPAGATE_DIR = '/run/systemd/nspawn/propagate';
+const LOCKS_DIR = '/run/systemd/nspawn/locks';
 
 export class NspawnDriver implements Driver {
   readonly name = 'nspawn';
@@ -195,7 +196,15 @@ export class NspawnDriver implements Driver {
     }
     // Whatever is left in the instance's cgroups (a container whose nspawn was killed) goes too.
     if (cgroups) await destroyInstanceCgroups(cgroups);
+    // What nspawn keeps on the host per machine and per root directory, which a killed nspawn
+    // leaves behind (its lock names the root by device and inode, still ours until removal).
     rmSync(join(PROPAGATE_DIR, basename(dir)), { recursive: true, force: true });
+    try {
+      const st = statSync(join(dir, 'root'));
+      rmSync(join(LOCKS_DIR, `inode-${st.dev}:${st.ino}`), { force: true });
+    } catch {
+      // no root (a start that failed before the clone)
+    }
   }
 
   killNow(pid: number | null, dir: string): void {
