@@ -2,7 +2,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { createReadStream, readdirSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs';
 import type { Readable } from 'node:stream';
 import { ErrorCode, MayflyError, errorText } from '../errors.ts';
-import { findOnPath } from '../util/exec.ts';
+import { requireTool } from '../util/exec.ts';
 import { processAlive } from '../util/proc.ts';
 import { captureOutput, pipeOut, remoteCommand, signalNumbers, type ExecOptions, type ExecResult, type GuestChannel } from './channel.ts';
 
@@ -37,10 +37,7 @@ const DRAIN_AFTER_EXIT_MS = 500;
 let nsenterPath: string | undefined;
 
 function nsenter(): string {
-  nsenterPath ??= findOnPath('nsenter');
-  if (!nsenterPath) {
-    throw new MayflyError(ErrorCode.MISSING_TOOL, 'nsenter is not installed', { hint: 'apt-get install util-linux' });
-  }
+  nsenterPath ??= requireTool('nsenter');
   return nsenterPath;
 }
 

@@ -116,6 +116,11 @@ export class Engine {
     return this.#dirStorage;
   }
 
+  /** The driver that runs machines of this image. */
+  driverFor(image: Image): Driver {
+    return image.kind === 'container' ? this.containers : this.driver;
+  }
+
   /** Driver and clone backend for machines of this image. */
   async machineDepsFor(image: Image): Promise<MachineDeps> {
     if (image.kind !== 'container') return this.machineDeps();
@@ -185,7 +190,7 @@ export class Engine {
   }): Promise<Machine> {
     const jobDisk = req.jobDisk ?? this.config.defaults.job_disk;
     // Before a template is made or a machine started: an unsupported mode fails at once.
-    assertJobDiskSupported(req.image.kind === 'container' ? this.containers : this.driver, jobDisk);
+    assertJobDiskSupported(this.driverFor(req.image), jobDisk);
     const mode = req.start ?? this.startMode(req.image);
     const netMode = req.network ?? this.config.defaults.network;
     const network: MachineNetworkRequest | undefined = netMode === 'bridged' ? { mode: netMode, egressAllow: req.egressAllow } : undefined;
@@ -226,10 +231,10 @@ export class Engine {
 
   /** Instances in the state store, each with whether its process still runs. */
   instances(): (InstanceRecord & { running: boolean })[] {
-    return this.state.listInstances().map((r) => ({
-      ...r,
-      running: r.pid !== null && this.driverNamed(r.driver)?.deadReason(r.pid, r.dir) === undefined,
-    }));
+    return this.state.listInstances().map((r) => {
+      const driver = this.driverNamed(r.driver);
+      return { ...r, running: r.pid !== null && driver !== undefined && driver.deadReason(r.pid, r.dir) === undefined };
+    });
   }
 
   /** Reaches a running machine that another mayfly process handed over (Machine.handOver). */

@@ -112,9 +112,17 @@ const toolPackages: Record<string, string> = {
   git: 'git',
   'ansible-playbook': 'ansible',
   genisoimage: 'genisoimage',
+  'systemd-nspawn': 'systemd-container',
+  nsenter: 'util-linux',
 };
 
 export function missingTool(cmd: string): MayflyError {
+  if (cmd.includes('/')) {
+    // A path the config gave (qemu.binary, nspawn.binary).
+    return new MayflyError(ErrorCode.MISSING_TOOL, `'${cmd}' does not exist or cannot be run`, {
+      hint: 'fix the path in the config, or give the command\'s name to find it on PATH',
+    });
+  }
   const pkg = toolPackages[cmd];
   return new MayflyError(
     ErrorCode.MISSING_TOOL,
@@ -123,18 +131,18 @@ export function missingTool(cmd: string): MayflyError {
   );
 }
 
+/** Where `cmd` is: itself when it is a path (a configured binary), else the first match on PATH; only if it can be run. */
 export function findOnPath(cmd: string): string | undefined {
-  if (cmd.includes('/')) return cmd;
-  for (const dir of (process.env.PATH ?? '').split(delimiter)) {
-    const p = join(dir, cmd);
+  const runnable = (p: string) => {
     try {
       accessSync(p, constants.X_OK);
-      return p;
+      return true;
     } catch {
-      // keep looking
+      return false;
     }
-  }
-  return undefined;
+  };
+  if (cmd.includes('/')) return runnable(cmd) ? cmd : undefined;
+  return (process.env.PATH ?? '').split(delimiter).map((dir) => join(dir, cmd)).find(runnable);
 }
 
 export function requireTool(cmd: string): string {

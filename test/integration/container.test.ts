@@ -7,7 +7,6 @@ import { defaultConfig, type Config } from '../../src/config/index.ts';
 import { ImageStore } from '../../src/images/store.ts';
 import { silentLogger } from '../../src/log.ts';
 import { Engine } from '../../src/pool/index.ts';
-import { reap } from '../../src/pool/reaper.ts';
 import { isSubvolume } from '../../src/storage/btrfs.ts';
 import { readMounts } from '../../src/storage/mounts.ts';
 import { makeRepo, startGitServer, type GitServer, type MadeRepo } from '../helpers/git-http.ts';
@@ -157,7 +156,7 @@ describe('containers (systemd-nspawn)', { timeout: 900_000 }, () => {
     assert.ok(mayflyCgroups().length > 0, 'the orphaned container is still there before the reaper runs');
     const engine = engineWith();
     try {
-      const r = await reap({ state: engine.state, drivers: engine.drivers, instancesDir: engine.instancesDir, log: silentLogger });
+      const r = await engine.reap(silentLogger);
       assert.equal(r.removed.length, 1);
     } finally {
       engine.close();
@@ -226,7 +225,7 @@ describe('containers (systemd-nspawn)', { timeout: 900_000 }, () => {
         await waitFor(() => processesMentioning(join(dataDir, 'instances')).length > 0, 30_000, 'the container to start');
         child.kill('SIGKILL');
         await exited;
-        const r = await reap({ state: engine.state, drivers: engine.drivers, instancesDir: engine.instancesDir, log: silentLogger });
+        const r = await engine.reap(silentLogger);
         assert.equal(r.removed.length, 1);
         assert.deepEqual(readdirSync(join(dataDir, 'instances')), []);
         assert.deepEqual(processesMentioning(join(dataDir, 'instances')), []);

@@ -66,7 +66,7 @@ export async function doctorReport(givenDataDir: string, config: Config): Promis
     await probeStorage(dataDir, 'dir'),
     await probeStorage(dataDir, 'disk'),
     await kvmStatus(dataDir, config),
-    await nspawnStatus(),
+    await nspawnStatus(config.nspawn.binary),
   ];
   const fs = dirReport.filesystem;
   const report: DoctorReport = {
@@ -150,8 +150,8 @@ async function kvmStatus(dataDir: string, config: Config): Promise<DoctorReport[
   return cached.accel === 'kvm' ? { usable: true, status: 'usable', reason } : { usable: false, status: 'unusable', reason };
 }
 
-async function nspawnStatus(): Promise<DoctorReport['nspawn']> {
-  const path = findOnPath('systemd-nspawn');
+async function nspawnStatus(binary: string): Promise<DoctorReport['nspawn']> {
+  const path = findOnPath(binary);
   if (!path) return { available: false, path: null, version: null, reason: 'not installed: apt-get install systemd-container' };
   const r = await run(path, ['--version']).catch((e: unknown) => ({ code: 1, stdout: '', stderr: errorText(e) }));
   const version = r.code === 0 ? (r.stdout.split('\n')[0]?.trim() ?? null) : null;
@@ -181,7 +181,7 @@ function advise(r: DoctorReport, dir: StorageReport): string[] {
   if (!usable('overlayfs') && !usable('btrfs-snapshot') && !usable('reflink') && !r.host.root) {
     out.push('run mayfly as root: overlayfs clones (instant, on any filesystem) need it');
   }
-  if (!r.nspawn.available) out.push('apt-get install systemd-container: container images will run in systemd-nspawn (that driver is not built yet)');
+  if (!r.nspawn.available) out.push('apt-get install systemd-container: images of kind "container" run in systemd-nspawn');
   if (r.storage.disk.chosen === null) out.push('apt-get install qemu-utils: VM disks are qcow2 overlays made with qemu-img');
   if (r.kvm.status === 'not-probed' || r.kvm.status === 'stale') out.push('run `mayfly run -- true` once: it probes whether KVM runs a guest here');
   if (r.kvm.usable === false) {

@@ -1,13 +1,13 @@
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { closeSync, existsSync, fchownSync, lstatSync, openSync, readFileSync, renameSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, fchownSync, lstatSync, openSync, readFileSync, renameSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ErrorCode, MayflyError, errorText } from '../../errors.ts';
 import { containerLeader } from '../../guest/nsenter.ts';
 import { CONTAINER_ID_RANGE } from '../../images/id-shift.ts';
 import type { Logger } from '../../log.ts';
-import { fileTail, findOnPath, runChecked } from '../../util/exec.ts';
+import { fileTail, requireTool, runChecked } from '../../util/exec.ts';
 import { cmdlineIncludes, liveProcesses, processAlive } from '../../util/proc.ts';
 import type { Driver, GuestNetwork, HostMachine, StartSpec, StartedMachine } from '../types.ts';
 import { createInstanceCgroups, destroyInstanceCgroups, instanceProcesses, joinCgroupsScript, type InstanceCgroups } from './cgroup.ts';
@@ -48,16 +48,6 @@ export class NspawnDriver implements Driver {
     this.#opts = opts;
   }
 
-  #binary(): string {
-    const found = this.#opts.binary.includes('/') ? (existsSync(this.#opts.binary) ? this.#opts.binary : undefined) : findOnPath(this.#opts.binary);
-    if (!found) {
-      throw new MayflyError(ErrorCode.MISSING_TOOL, `${this.#opts.binary} is not installed; containers need it`, {
-        hint: 'apt-get install systemd-container (or set nspawn.binary in the config)',
-      });
-    }
-    return found;
-  }
-
   async start(spec: StartSpec, opts: { log: Logger; signal?: AbortSignal }): Promise<StartedMachine> {
     if (spec.restore) {
       throw new MayflyError(ErrorCode.RESTORE_FAILED, 'containers start in milliseconds and have no snapshot templates');
@@ -65,7 +55,7 @@ export class NspawnDriver implements Driver {
     if (process.getuid?.() !== 0) {
       throw new MayflyError(ErrorCode.NOT_ROOT, 'containers need root (systemd-nspawn, cgroups)', { hint: 'run mayfly as root' });
     }
-    const binary = this.#binary();
+    const binary = requireTool(this.#opts.binary);
     const root = spec.disk.path;
     const { dir } = spec;
     const idShift = spec.image.idShift;
@@ -130,8 +120,7 @@ export class NspawnDriver implements Driver {
     writeFileSync(join(dir, PID_FILE), `${pid}\n`);
     opts.log.debug({ instance: spec.id, pid }, 'nspawn started');
     try {
-      await this.#waitSetUp(pid, dir, opts.signal);
-      const leader = containerLeader(pid, PAYLOAD_COMM)!;
+      const leader = await this.#waitSetUp(pid, dir, opts.signal);
       if (net) await configureNetwork(leader, net);
       if (spec.jobTmpfs !== undefined) {
         // As the container's root (its user namespace: no power outside it), before any job runs.
@@ -147,12 +136,13 @@ export class NspawnDriver implements Driver {
     return { pid, ssh: null, consoleLog, accel: 'nspawn' };
   }
 
-  /** Waits until nspawn has set the container up and its payload runs. */
-  async #waitSetUp(pid: number, dir: string, signal: AbortSignal | undefined): Promise<void> {
+  /** Waits until nspawn has set the container up and its payload runs; returns the container's init. */
+  async #waitSetUp(pid: number, dir: string, signal: AbortSignal | undefined): Promise<number> {
     const deadline = Date.now() + this.#opts.startTimeoutMs;
     for (;;) {
       signal?.throwIfAborted();
-      if (containerLeader(pid, PAYLOAD_COMM) !== undefined) return;
+      const leader = containerLeader(pid, PAYLOAD_COMM);
+      if (leader !== undefined) return leader;
       // Only whether it runs: right after the spawn the pid may still show node's command line (before exec).
       const dead = processAlive(pid) ? undefined : this.deadReason(pid, dir);
       if (dead) throw new MayflyError(ErrorCode.MACHINE_START_FAILED, dead, { hint: `the command line is in ${join(dir, 'nspawn.args')}` });
