@@ -17,7 +17,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { DaemonClient } from '../src/daemon/client.ts';
 import { makeRepo, startGitServer } from '../test/helpers/git-http.ts';
-import { runJob, type JobResult, type RunnerConfig } from '../test/helpers/gitlab-runner.ts';
+import { mayflyStages, runJob, type JobResult, type RunnerConfig } from '../test/helpers/gitlab-runner.ts';
 import { fmt, mayflyBin, printComparison, summary, vmBench } from './lib.ts';
 
 const bench = vmBench(3);
@@ -36,13 +36,7 @@ writeFileSync(noDaemonConfig, `[daemon]\nsocket = "${join(work, 'nobody.sock')}"
 let daemon: ChildProcess | undefined;
 
 function runner(pool: boolean): RunnerConfig {
-  const args = ['--data-dir', dataDir, '--config', pool ? config : noDaemonConfig];
-  return {
-    configExec: [mayflyBin, ...args, 'gitlab', 'config'],
-    prepareExec: [mayflyBin, ...args, 'gitlab', 'prepare', ...(pool ? ['--pool', 'bench'] : [])],
-    runExec: [mayflyBin, ...args, 'gitlab', 'run'],
-    cleanupExec: [mayflyBin, ...args, 'gitlab', 'cleanup'],
-  };
+  return mayflyStages(mayflyBin, ['--data-dir', dataDir, '--config', pool ? config : noDaemonConfig], pool ? ['--pool', 'bench'] : []);
 }
 
 async function idle(c: DaemonClient): Promise<number> {

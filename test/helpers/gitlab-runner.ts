@@ -150,6 +150,16 @@ export interface JobResult {
   projectDir: string;
 }
 
+/** The executor's four stages as `mayfly gitlab …` commands, as a runner's [runners.custom] section would name them. */
+export function mayflyStages(mayfly: string, args: readonly string[], prepareArgs: readonly string[] = []): Pick<RunnerConfig, 'configExec' | 'prepareExec' | 'runExec' | 'cleanupExec'> {
+  return {
+    configExec: [mayfly, ...args, 'gitlab', 'config'],
+    prepareExec: [mayfly, ...args, 'gitlab', 'prepare', ...prepareArgs],
+    runExec: [mayfly, ...args, 'gitlab', 'run'],
+    cleanupExec: [mayfly, ...args, 'gitlab', 'cleanup'],
+  };
+}
+
 export async function runJob(cfg: RunnerConfig, job: JobSpec): Promise<JobResult> {
   return new JobRun(cfg, job).run();
 }

@@ -10,7 +10,7 @@ import { Engine } from '../../src/pool/index.ts';
 import { isSubvolume } from '../../src/storage/btrfs.ts';
 import { readMounts } from '../../src/storage/mounts.ts';
 import { makeRepo, startGitServer, type GitServer, type MadeRepo } from '../helpers/git-http.ts';
-import { runJob, type RunnerConfig } from '../helpers/gitlab-runner.ts';
+import { mayflyStages, runJob, type RunnerConfig } from '../helpers/gitlab-runner.ts';
 import { ensureImage, instanceDirs, mayfly, mayflyBin, processesMentioning, startMayfly, testDataDir, waitFor } from '../helpers/env.ts';
 
 // Containers: the nspawn driver with real systemd-nspawn containers on clones of the
@@ -258,12 +258,8 @@ describe('containers (systemd-nspawn)', { timeout: 900_000 }, () => {
     });
 
     test('a service started in the script still runs in after_script (a separate stage and process); sources come over git', async () => {
-      const args = ['--data-dir', testDataDir(), '--config', join(dir, 'config.toml')];
       const runner: RunnerConfig = {
-        configExec: [mayflyBin, ...args, 'gitlab', 'config'],
-        prepareExec: [mayflyBin, ...args, 'gitlab', 'prepare'],
-        runExec: [mayflyBin, ...args, 'gitlab', 'run'],
-        cleanupExec: [mayflyBin, ...args, 'gitlab', 'cleanup'],
+        ...mayflyStages(mayflyBin, ['--data-dir', testDataDir(), '--config', join(dir, 'config.toml')]),
         gracefulKillTimeoutMs: 60_000,
         prepareRetryIntervalMs: 200,
       };

@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { ImageStore } from '../../src/images/store.ts';
 import { makeRepo, startGitServer, type GitServer, type MadeRepo } from '../helpers/git-http.ts';
-import { runJob, type JobResult, type JobSpec, type RunnerConfig } from '../helpers/gitlab-runner.ts';
+import { mayflyStages, runJob, type JobResult, type JobSpec, type RunnerConfig } from '../helpers/gitlab-runner.ts';
 import { collect, ensureImage, instanceDirs, mayfly, mayflyBin, processesMentioning, publishImageCopy, startMayfly, testDataDir, testEngine } from '../helpers/env.ts';
 
 // mayfly behind an imitation of gitlab-runner's custom executor (test/helpers/gitlab-runner.ts,
@@ -23,12 +23,8 @@ describe('mayfly gitlab (custom executor)', { timeout: 1_200_000 }, () => {
   let nextJobId = 100;
 
   const runner = (extra: string[] = []): RunnerConfig => {
-    const args = ['--data-dir', testDataDir(), '--config', config];
     return {
-      configExec: [mayflyBin, ...args, 'gitlab', 'config'],
-      prepareExec: [mayflyBin, ...args, 'gitlab', 'prepare', ...extra],
-      runExec: [mayflyBin, ...args, 'gitlab', 'run'],
-      cleanupExec: [mayflyBin, ...args, 'gitlab', 'cleanup'],
+      ...mayflyStages(mayflyBin, ['--data-dir', testDataDir(), '--config', config], extra),
       // Long enough that only mayfly's own handling of SIGTERM can end a cancelled stage.
       gracefulKillTimeoutMs: 120_000,
       prepareRetryIntervalMs: 200,
