@@ -3,7 +3,7 @@ import { existsSync, lstatSync, mkdirSync, readFileSync, readlinkSync, rmSync, s
 import { join } from 'node:path';
 import { ErrorCode, MayflyError } from '../errors.ts';
 import { unmountAll } from '../storage/mounts.ts';
-import { run, runChecked, type RunResult } from '../util/exec.ts';
+import { lastLines, run, runChecked, signalNumber, type RunResult } from '../util/exec.ts';
 
 // Working inside an image's root directory as the build's chroot does: the host's /proc, /sys
 // and /dev mounted in, the host's resolver (the image's own points at the VM network), and no
@@ -110,7 +110,7 @@ export async function runScriptInRoot(root: string, script: string, what: string
     const r = await runInRoot(root, ['/bin/sh', `/${file}`], opts);
     opts.signal?.throwIfAborted();
     if (r.code !== 0) {
-      const tail = (r.stdout + r.stderr).trimEnd().split('\n').slice(-12).join('\n');
+      const tail = lastLines(r.stdout + r.stderr, 12);
       throw new MayflyError(ErrorCode.IMAGE_BUILD_FAILED, `${what} failed (exit ${r.code})${tail ? `:\n${tail}` : ''}`);
     }
   } finally {
@@ -133,7 +133,7 @@ export function interactiveInRoot(root: string, cmd: readonly string[], signal?:
     child.on('error', reject);
     child.on('close', (code, sig) => {
       signal?.removeEventListener('abort', onAbort);
-      resolve(code ?? 128 + (sig ? (({ SIGHUP: 1, SIGINT: 2, SIGKILL: 9, SIGTERM: 15 }) as Record<string, number>)[sig] ?? 0 : 0));
+      resolve(code ?? 128 + (sig ? signalNumber(sig) : 0));
     });
   });
 }

@@ -5,7 +5,7 @@ import { ErrorCode, MayflyError } from '../errors.ts';
 import type { Logger } from '../log.ts';
 import { silentLogger } from '../log.ts';
 import { createProgress, type Progress } from '../progress.ts';
-import { requireTool, run, runChecked } from '../util/exec.ts';
+import { lastLines, requireTool, run, runChecked } from '../util/exec.ts';
 import { shellQuote } from '../util/shell.ts';
 import { enterRoot, interactiveInRoot, runScriptInRoot } from './chroot.ts';
 import { fetchVerified } from './fetch.ts';
@@ -98,7 +98,7 @@ export async function maintainImage(store: ImageStore, image: Image, recipe: Rec
         const r = await run('ansible-playbook', ['-i', `${root},`, '-c', 'community.general.chroot', recipe.playbook], { signal, onLine: detail, processGroup: true });
         signal?.throwIfAborted();
         if (r.code !== 0) {
-          throw new MayflyError(ErrorCode.IMAGE_BUILD_FAILED, `recipe ${recipe.name}: ansible-playbook failed (exit ${r.code}):\n${(r.stdout + r.stderr).trimEnd().split('\n').slice(-12).join('\n')}`);
+          throw new MayflyError(ErrorCode.IMAGE_BUILD_FAILED, `recipe ${recipe.name}: ansible-playbook failed (exit ${r.code}):\n${lastLines(r.stdout + r.stderr, 12)}`);
         }
       }
       progress.step('finalize');
